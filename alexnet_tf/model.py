@@ -1,0 +1,184 @@
+"""The AlexNet model family (Krizhevsky, Sutskever & Hinton, NIPS 2012) as Keras functional models."""
+
+import keras
+
+from alexnet_tf.layers import GroupedConv2D
+from alexnet_tf.lrn import LRN_PRESETS, LocalResponseNormalization
+
+VARIANTS = ("paper", "single_tower", "one_weird_trick", "cifar")
+INITS = ("paper", "caffe", "keras")
+
+# Input size each variant was designed for (height = width).
+DEFAULT_IMAGE_SIZE = {
+    "paper": 227,  # 224 in the paper's text, but 227 is what makes conv1's 55x55 output (Caffe)
+    "single_tower": 227,
+    "one_weird_trick": 224,  # torchvision / cuda-convnet2 pad conv1 by 2 instead
+    "cifar": 32,
+}
+
+# Paper §5: "We initialized the neuron biases in the second, fourth, and fifth convolutional layers,
+# as well as in the fully-connected hidden layers, with the constant 1 ... remaining layers with 0."
+_BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
+
+
+def _initializers(init, name):
+    """Returns (kernel_initializer, bias_initializer) for layer `name` under scheme `init`."""
+    if init == "keras":
+        return "glorot_uniform", "zeros"
+    weight_std = 0.01  # paper §5: "zero-mean Gaussian distribution with standard deviation 0.01"
+    bias = 1.0 if name in _BIAS_ONE_LAYERS else 0.0
+    if init == "caffe":
+        # BVLC's train_val.prototxt: bias 1 gave a flat loss, so 0.1; fc6/fc7 weights std 0.005.
+        bias = 0.1 if name in _BIAS_ONE_LAYERS else 0.0
+        if name in ("fc6", "fc7"):
+            weight_std = 0.005
+    return keras.initializers.RandomNormal(0.0, weight_std), keras.initializers.Constant(bias)
+
+
+def AlexNet(
+    num_classes=1000,
+    variant="paper",
+    input_shape=None,
+    lrn="paper",
+    init="paper",
+    dropout=0.5,
+    include_top=True,
+    name=None,
+    grouped_conv_implementation="native",
+):
+    """Builds an AlexNet `keras.Model`.
+
+    The model outputs **logits** (fc8 without softmax): training uses
+    `SparseCategoricalCrossentropy(from_logits=True)`, which is numerically stabler than a softmax
+    followed by a log, and the exported serving signature applies the softmax itself. Under a
+    mixed-precision policy fc8 computes in float32 so the logits are float32.
+
+    Args:
+        num_classes: size of fc8.
+        variant: "paper" (two towers: conv2/4/5 in 2 groups, LRN; 60,965,224 parameters at 1000
+            classes, the BVLC Caffe count), "single_tower" (same widths, no groups; 62,378,344),
+            "one_weird_trick" (torchvision's 64/192/384/256/256 layout, no LRN, 224 input, adaptive
+            average pool to 6x6; 61,100,840) or "cifar" (the small two-conv model of the TensorFlow
+            CIFAR-10 tutorial for 32x32 or 28x28 images).
+        input_shape: `(height, width, channels)`; defaults to the variant's size with 3 channels.
+            Any channel count works. With `include_top=False` height and width may be None.
+        lrn: LRN preset ("paper", "caffe", "tf_cifar10") or None to leave LRN out. Ignored by
+            "one_weird_trick", which has none.
+        init: "paper" (N(0, 0.01) weights, biases 1 in conv2/4/5 and fc6/7, paper §5), "caffe"
+            (BVLC: those biases 0.1, fc6/fc7 weights N(0, 0.005)) or "keras" (Keras defaults).
+        dropout: dropout rate before fc7 and fc8 (paper §4.2: 0.5); 0 disables it.
+        include_top: False returns the convolutional feature extractor (output of pool5).
+        name: model name; defaults to "alexnet_<variant>".
+        grouped_conv_implementation: "native" or "split"; see `GroupedConv2D`.
+
+    Returns:
+        A `keras.Model` with layers named conv1..conv5, lrn1, lrn2, pool1, pool2, pool5, fc6, fc7,
+        fc8, so weights can be mapped from Caffe and torchvision by name.
+
+    Example:
+        >>> model = AlexNet(num_classes=10, variant="cifar", input_shape=(28, 28, 1), init="keras")
+        >>> model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> model.output_shape
+        (None, 10)
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown AlexNet variant {variant!r}; choose one of {VARIANTS}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    if lrn is not None and lrn not in LRN_PRESETS:
+        raise ValueError(f"unknown LRN preset {lrn!r}; choose one of {sorted(LRN_PRESETS)} or None")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if input_shape is None:
+        size = DEFAULT_IMAGE_SIZE[variant]
+        input_shape = (size, size, 3)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}")
+    if include_top and None in input_shape[:2]:
+        raise ValueError("include_top=True needs a fixed input height and width")
+
+    def conv(x, filters, kernel_size, layer_name, strides=1, padding="same", groups=1):
+        kernel_init, bias_init = _initializers(init, layer_name)
+        kwargs = dict(
+            strides=strides,
+            padding=padding,
+            activation="relu",
+            kernel_initializer=kernel_init,
+            bias_initializer=bias_init,
+            name=layer_name,
+        )
+        if groups > 1:
+            return GroupedConv2D(
+                filters,
+                kernel_size,
+                groups=groups,
+                implementation=grouped_conv_implementation,
+                **kwargs,
+            )(x)
+        return keras.layers.Conv2D(filters, kernel_size, **kwargs)(x)
+
+    def norm(x, layer_name):
+        if lrn is None:
+            return x
+        return LocalResponseNormalization.from_preset(lrn, name=layer_name)(x)
+
+    def pool(x, layer_name, padding="valid"):
+        # Overlapping pooling, paper §3.4: z=3, s=2.
+        return keras.layers.MaxPool2D(pool_size=3, strides=2, padding=padding, name=layer_name)(x)
+
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    if variant in ("paper", "single_tower"):
+        groups = 2 if variant == "paper" else 1
+        x = conv(inputs, 96, 11, "conv1", strides=4, padding="valid")
+        x = pool(norm(x, "lrn1"), "pool1")
+        x = conv(x, 256, 5, "conv2", groups=groups)
+        x = pool(norm(x, "lrn2"), "pool2")
+        x = conv(x, 384, 3, "conv3")  # paper §3.5: conv3 sees both towers
+        x = conv(x, 384, 3, "conv4", groups=groups)
+        x = conv(x, 256, 3, "conv5", groups=groups)
+        x = pool(x, "pool5")
+        hidden = (4096, 4096)
+    elif variant == "one_weird_trick":
+        x = keras.layers.ZeroPadding2D(2, name="pad1")(inputs)
+        x = conv(x, 64, 11, "conv1", strides=4, padding="valid")
+        x = pool(x, "pool1")
+        x = conv(x, 192, 5, "conv2")
+        x = pool(x, "pool2")
+        x = conv(x, 384, 3, "conv3")
+        x = conv(x, 256, 3, "conv4")
+        x = conv(x, 256, 3, "conv5")
+        x = pool(x, "pool5")
+        if include_top:
+            x = keras.layers.AdaptiveAveragePooling2D((6, 6), name="avgpool")(x)
+        hidden = (4096, 4096)
+    else:  # cifar: tensorflow/models tutorials/image/cifar10 (SAME padding throughout)
+        x = conv(inputs, 64, 5, "conv1")
+        x = norm(pool(x, "pool1", padding="same"), "lrn1")
+        x = conv(x, 64, 5, "conv2")
+        x = pool(norm(x, "lrn2"), "pool2", padding="same")
+        hidden = (384, 192)
+
+    if include_top:
+        x = keras.layers.Flatten(name="flatten")(x)
+        for layer_name, units in zip(("fc6", "fc7"), hidden):
+            kernel_init, bias_init = _initializers(init, layer_name)
+            x = keras.layers.Dense(
+                units,
+                activation="relu",
+                kernel_initializer=kernel_init,
+                bias_initializer=bias_init,
+                name=layer_name,
+            )(x)
+            if dropout:
+                x = keras.layers.Dropout(dropout, name=layer_name.replace("fc", "drop"))(x)
+        kernel_init, bias_init = _initializers(init, "fc8")
+        policy = keras.config.dtype_policy()
+        x = keras.layers.Dense(
+            num_classes,
+            kernel_initializer=kernel_init,
+            bias_initializer=bias_init,
+            # float32 logits under mixed precision: softmax/cross-entropy are unstable in float16.
+            dtype="float32" if policy.compute_dtype != policy.variable_dtype else None,
+            name="fc8",
+        )(x)
+    return keras.Model(inputs, x, name=name or f"alexnet_{variant}")

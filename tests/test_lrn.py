@@ -1,0 +1,75 @@
+"""LocalResponseNormalization against the paper's formula computed independently in numpy."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from alexnet_tf import LRN_PRESETS, LocalResponseNormalization
+
+
+def lrn_reference(a, n, k, alpha, beta):
+    """Paper §3.3: b_c = a_c / (k + alpha * sum_{c'=max(0,c-n/2)}^{min(N-1,c+n/2)} a_c'^2)^beta."""
+    channels = a.shape[-1]
+    b = np.empty_like(a, dtype=np.float64)
+    for c in range(channels):
+        lo, hi = max(0, c - n // 2), min(channels - 1, c + n // 2)
+        sq = np.sum(a[..., lo : hi + 1].astype(np.float64) ** 2, axis=-1)
+        b[..., c] = a[..., c] / (k + alpha * sq) ** beta
+    return b
+
+
+@pytest.mark.parametrize(
+    "preset, n, k, alpha",
+    [("paper", 5, 2.0, 1e-4), ("caffe", 5, 1.0, 2e-5), ("tf_cifar10", 9, 1.0, 0.001 / 9)],
+)
+def test_matches_paper_formula_including_edge_channels(preset, n, k, alpha):
+    rng = np.random.default_rng(0)
+    # Large activations so the normaliser differs clearly from k^-beta.
+    a = rng.normal(0, 30, size=(2, 3, 4, 12)).astype(np.float32)
+    layer = LocalResponseNormalization.from_preset(preset)
+    expected = lrn_reference(a, n, k, alpha, 0.75)
+    got = layer(a).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # First and last channels have truncated windows: check them on their own too.
+    np.testing.assert_allclose(got[..., [0, -1]], expected[..., [0, -1]], rtol=1e-5)
+    assert not np.allclose(expected, a / k**0.75, rtol=1e-3)
+
+
+def test_same_result_inside_tf_function():
+    a = tf.random.normal([2, 5, 5, 16], stddev=20.0)
+    layer = LocalResponseNormalization.from_preset("paper")
+    np.testing.assert_allclose(tf.function(layer)(a), layer(a), rtol=1e-6)
+
+
+def test_presets_are_the_documented_numbers():
+    assert LRN_PRESETS["paper"] == (2, 2.0, 1e-4, 0.75)
+    assert LRN_PRESETS["caffe"] == (2, 1.0, 2e-5, 0.75)
+
+
+def test_get_config_round_trips_and_is_registered():
+    layer = LocalResponseNormalization(depth_radius=3, bias=1.5, alpha=3e-4, beta=0.6, name="n")
+    config = layer.get_config()
+    clone = LocalResponseNormalization.from_config(config)
+    assert clone.get_config() == config
+    serialized = keras.saving.serialize_keras_object(layer)
+    restored = keras.saving.deserialize_keras_object(serialized)
+    assert isinstance(restored, LocalResponseNormalization)
+    assert (restored.depth_radius, restored.bias, restored.alpha, restored.beta) == (3, 1.5, 3e-4, 0.6)
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown LRN preset 'nope'"):
+        LocalResponseNormalization.from_preset("nope")
+
+
+@pytest.mark.parametrize("policy, dtype", [("mixed_float16", "float16"), ("mixed_bfloat16", "bfloat16")])
+def test_mixed_precision_computes_in_float32(policy, dtype):
+    keras.config.set_dtype_policy(policy)
+    layer = LocalResponseNormalization.from_preset("paper")
+    # 400^2 * 5 overflows float16 (max 65504): computing in float16 would give 0 or inf/nan.
+    a = np.full((1, 2, 2, 8), 400.0, np.float32)
+    out = layer(a)
+    assert out.dtype == dtype
+    expected = lrn_reference(a, 5, 2.0, 1e-4, 0.75)
+    np.testing.assert_allclose(tf.cast(out, tf.float32).numpy(), expected, rtol=1e-2)

@@ -1,0 +1,157 @@
+"""The AlexNet family: sizes, shapes, grouping, gradients, initialisation, serialization."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import alexnet_tf
+from alexnet_tf import AlexNet, GroupedConv2D
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        # Sum of the layer sizes printed in the paper / BVLC deploy.prototxt / torchvision.
+        ("paper", 60_965_224),
+        ("single_tower", 62_378_344),
+        ("one_weird_trick", 61_100_840),
+        # TF CIFAR-10 tutorial: 5*5*3*64+64 + 5*5*64*64+64 + 8*8*64*384+384 + 384*192+192 + 192*10+10
+        ("cifar", 4864 + 102_464 + 1_573_248 + 73_920 + 1_930),
+    ],
+)
+def test_parameter_counts(variant, expected):
+    num_classes = 10 if variant == "cifar" else 1000
+    assert AlexNet(num_classes, variant=variant).count_params() == expected
+
+
+@pytest.mark.parametrize(
+    "variant, input_shape, num_classes",
+    [
+        ("paper", (227, 227, 3), 1000),
+        ("paper", (227, 227, 1), 10),
+        ("paper", (255, 255, 4), 7),
+        ("single_tower", (227, 227, 3), 2),
+        ("one_weird_trick", (224, 224, 3), 1000),
+        ("one_weird_trick", (256, 200, 1), 5),
+        ("cifar", (32, 32, 3), 10),
+        ("cifar", (28, 28, 1), 10),
+    ],
+)
+def test_output_shapes(variant, input_shape, num_classes):
+    model = AlexNet(num_classes, variant=variant, input_shape=input_shape)
+    out = model(np.zeros((2, *input_shape), np.float32))
+    assert out.shape == (2, num_classes)
+
+
+def test_one_weird_trick_pools_adaptively_to_6x6():
+    # torchvision's AdaptiveAvgPool2d((6, 6)) keeps fc6 at 9216 inputs for any image size.
+    small = AlexNet(variant="one_weird_trick")
+    large = AlexNet(variant="one_weird_trick", input_shape=(320, 288, 3))
+    assert small.get_layer("fc6").kernel.shape == large.get_layer("fc6").kernel.shape == (9216, 4096)
+
+
+def test_include_top_false_is_the_feature_extractor():
+    model = AlexNet(variant="paper", input_shape=(None, None, 3), include_top=False)
+    assert model(np.zeros((1, 227, 227, 3), np.float32)).shape == (1, 6, 6, 256)
+    assert model(np.zeros((1, 259, 259, 3), np.float32)).shape == (1, 7, 7, 256)
+    assert "fc8" not in [layer.name for layer in model.layers]
+
+
+def test_layer_names_for_weight_mapping():
+    names = {layer.name for layer in AlexNet(variant="paper").layers}
+    expected = {f"conv{i}" for i in range(1, 6)} | {f"fc{i}" for i in (6, 7, 8)}
+    expected |= {"lrn1", "lrn2", "pool1", "pool2", "pool5"}
+    assert expected <= names
+    assert isinstance(AlexNet(variant="paper").get_layer("conv2"), GroupedConv2D)
+
+
+@pytest.mark.parametrize("implementation", ["native", "split"])
+def test_grouped_layers_are_really_grouped(implementation):
+    model = AlexNet(variant="paper", grouped_conv_implementation=implementation, init="keras")
+    for name, in_channels in (("conv2", 96), ("conv4", 384), ("conv5", 384)):
+        conv = model.get_layer(name)
+        x = tf.random.normal([1, 13, 13, in_channels])
+        perturbed = tf.concat([x[..., : in_channels // 2] + 1.0, x[..., in_channels // 2 :]], -1)
+        # Compare pre-activation outputs (ReLU could hide a change).
+        y0, y1 = conv.convolution_op(x, conv.kernel), conv.convolution_op(perturbed, conv.kernel)
+        half = conv.filters // 2
+        np.testing.assert_array_equal(y0[..., half:], y1[..., half:])
+        assert np.abs(y0[..., :half] - y1[..., :half]).min() > 0
+
+
+def test_grouped_conv_matches_two_independent_convolutions():
+    # Independent reference: two plain tf.nn.conv2d towers on the two halves, concatenated.
+    conv = GroupedConv2D(8, 3, padding="same", groups=2)
+    x = tf.random.normal([2, 7, 7, 6])
+    y = conv(x)
+    k = conv.kernel
+    towers = [tf.nn.conv2d(x[..., :3], k[..., :4], 1, "SAME"), tf.nn.conv2d(x[..., 3:], k[..., 4:], 1, "SAME")]
+    np.testing.assert_allclose(y, tf.concat(towers, -1) + conv.bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", alexnet_tf.VARIANTS)
+def test_every_trainable_weight_gets_a_gradient(variant):
+    model = AlexNet(10, variant=variant, init="keras")
+    shape = model.input_shape[1:]
+    x = tf.random.uniform([2, *shape], -1, 1)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(x, training=True) ** 2)
+    grads = tape.gradient(loss, model.trainable_weights)
+    for weight, grad in zip(model.trainable_weights, grads):
+        assert grad is not None, weight.path
+        assert float(tf.reduce_max(tf.abs(grad))) > 0, weight.path
+
+
+def test_paper_init_statistics():
+    model = AlexNet(variant="paper", init="paper")
+    assert np.std(model.get_layer("conv1").kernel.numpy()) == pytest.approx(0.01, rel=0.03)
+    assert np.mean(model.get_layer("fc6").kernel.numpy()) == pytest.approx(0.0, abs=1e-4)
+    for name in ("conv2", "conv4", "conv5", "fc6", "fc7"):
+        np.testing.assert_array_equal(model.get_layer(name).bias.numpy(), 1.0)
+    for name in ("conv1", "conv3", "fc8"):
+        np.testing.assert_array_equal(model.get_layer(name).bias.numpy(), 0.0)
+
+
+def test_caffe_init_statistics():
+    model = AlexNet(variant="paper", init="caffe")
+    assert np.std(model.get_layer("fc6").kernel.numpy()) == pytest.approx(0.005, rel=0.03)
+    assert np.std(model.get_layer("conv3").kernel.numpy()) == pytest.approx(0.01, rel=0.03)
+    np.testing.assert_allclose(model.get_layer("conv2").bias.numpy(), 0.1)
+    np.testing.assert_array_equal(model.get_layer("conv1").bias.numpy(), 0.0)
+
+
+def test_keras_save_load_round_trip_without_custom_objects(tmp_path):
+    model = AlexNet(10, variant="paper", lrn="caffe", init="keras")
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 227, 227, 3)).astype(np.float32)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    np.testing.assert_array_equal(restored(x), model(x))
+    assert restored.get_layer("conv2").get_config() == model.get_layer("conv2").get_config()
+    assert restored.get_layer("lrn1").alpha == 2e-5
+
+
+def test_mixed_precision_forward_pass():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = AlexNet(10, variant="cifar", input_shape=(28, 28, 1), init="keras")
+    assert model.get_layer("conv1").compute_dtype == "float16"
+    assert model.get_layer("lrn1").compute_dtype == "float16"
+    out = model(np.random.default_rng(0).uniform(0, 255, (2, 28, 28, 1)).astype(np.float32))
+    assert out.dtype == "float32"
+    assert np.all(np.isfinite(out.numpy()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(variant="vgg"), "unknown AlexNet variant 'vgg'"),
+        (dict(init="xavier"), "unknown init 'xavier'"),
+        (dict(lrn="big"), "unknown LRN preset 'big'"),
+        (dict(dropout=1.0), "dropout must be in"),
+        (dict(input_shape=(None, None, 3)), "include_top=True needs a fixed input"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AlexNet(**kwargs)
