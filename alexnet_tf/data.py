@@ -1,0 +1,438 @@
+"""Data sources and the tf.data input pipeline.
+
+`make_dataset(source, split, training, ...)` is the one entry point. `source` is a string that
+fits in a flag:
+    tfds:<name>          any TFDS image-classification dataset (imagenet2012 needs a manual dir)
+    tfrecord:<glob>      ImageNet-style shards (image/encoded, image/class/label); a "{split}" in
+                         the glob is replaced by the split name (train, validation)
+    folder:<path>        one sub-directory per class of JPEG/PNG files; train/ and val/ sub-trees
+                         when present, otherwise a seeded 90/10 split
+    fashion_mnist[:<dir>], mnist[:<dir>]
+                         IDX .gz files (default: Debian's dataset-fashion-mnist location); TFDS
+                         when the files are absent
+"""
+
+import dataclasses
+import gzip
+import hashlib
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from alexnet_tf import preprocessing
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IDX_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# Fashion-MNIST pixel statistics in [0, 255] (training set), for mean subtraction.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 72.94, 90.02
+MNIST_MEAN, MNIST_STD = 33.32, 78.57
+FOLDER_VAL_FRACTION = 0.1
+SPLIT_ALIASES = {"val": "validation", "valid": "validation", "eval": "validation"}
+
+
+class DataError(ValueError):
+    """A user-facing data problem (missing path, empty folder, bad label); one-line message."""
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+    """What the rest of the project needs to know about a source.
+
+    Attributes:
+        source: the source string.
+        class_names: label names, index = label.
+        channels: 1 or 3.
+        image_size: native (height, width) when every image has it (MNIST, CIFAR), else None.
+        num_examples: examples in the split read, or None when unknown without a full pass.
+        skipped: a tf.Variable counting unreadable images skipped so far (file sources).
+    """
+
+    source: str
+    class_names: list
+    channels: int
+    image_size: tuple | None = None
+    num_examples: int | None = None
+    skipped: tf.Variable | None = None
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    @property
+    def small_images(self):
+        return self.image_size is not None and max(self.image_size) <= 64
+
+
+def parse_source(source):
+    """Splits "kind:arg" and validates the kind; returns (kind, arg or None)."""
+    kind, _, arg = source.partition(":")
+    if kind not in ("tfds", "tfrecord", "folder", "fashion_mnist", "mnist"):
+        raise DataError(
+            f"unknown dataset {source!r}: use tfds:<name>, tfrecord:<glob>, folder:<path>, "
+            "fashion_mnist[:<dir>] or mnist[:<dir>]"
+        )
+    if kind in ("tfds", "tfrecord", "folder") and not arg:
+        raise DataError(f"dataset {source!r} needs a value after '{kind}:'")
+    return kind, arg or None
+
+
+def _canonical_split(split):
+    return SPLIT_ALIASES.get(split, split)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources. Each returns (dataset of (image, label, origin), DatasetInfo, file_level_dataset).
+# `image` is encoded bytes (file sources) or a uint8 [H, W, C] tensor; `origin` names the file a
+# record came from, for error messages.
+
+
+def read_idx(path):
+    """Reads one IDX file (optionally gzipped) into a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = np.frombuffer(data, ">u4", count=ndim, offset=4).astype(int)
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(data) != expected:
+        raise DataError(f"{path}: truncated IDX file ({len(data)} bytes, expected {expected})")
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _idx_source(kind, directory, split, data_dir, **unused):
+    del unused
+    directory = directory or IDX_DIRS[kind]
+    split = {"validation": "test"}.get(split, split)
+    if split not in IDX_FILES:
+        raise DataError(f"{kind} has splits train and test, not {split!r}")
+    images_path, labels_path = (os.path.join(directory, f) for f in IDX_FILES[split])
+    if not os.path.exists(images_path):
+        if directory != IDX_DIRS[kind]:
+            raise DataError(f"{images_path} not found")
+        logging.info("%s not found; falling back to TFDS %s", images_path, kind)
+        return _tfds_source(kind, split, data_dir, decode=True)
+    images, labels = read_idx(images_path)[..., None], read_idx(labels_path)
+    if len(images) != len(labels):
+        raise DataError(f"{directory}: {len(images)} images but {len(labels)} labels")
+    names = FASHION_MNIST_CLASSES if kind == "fashion_mnist" else tuple(str(i) for i in range(10))
+    if labels.max() >= len(names):
+        raise DataError(f"{labels_path}: label {labels.max()} outside [0, {len(names)})")
+    info = DatasetInfo(f"{kind}:{directory}", list(names), 1, images.shape[1:3], len(images))
+    origin = tf.constant(images_path)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+    return ds.map(lambda x, y: (x, y, origin)), info, None
+
+
+def _tfds_source(name, split, data_dir, decode=False, training=False, seed=None,
+                 input_context=None, **unused):
+    del unused
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds raises its own DatasetNotFoundError subclasses
+        raise DataError(f"TFDS dataset {name!r}: {str(e).splitlines()[0]}") from None
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise DataError(f"TFDS dataset {name!r} has no 'image' and 'label' features")
+    if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+        logging.info("Preparing TFDS %s in %s (downloads unless a manual dir holds it)",
+                     name, builder.data_dir)
+        builder.download_and_prepare()
+    splits = builder.info.splits
+    if split == "validation" and "validation" not in splits and "test" in splits:
+        split = "test"
+    if splits and split not in splits:
+        raise DataError(f"TFDS dataset {name!r} has no split {split!r} ({sorted(splits)})")
+    shape = features["image"].shape
+    read_config = tfds.ReadConfig(shuffle_seed=seed, input_context=input_context)
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=training,
+        read_config=read_config,
+        decoders=None if decode else {"image": tfds.decode.SkipDecoding()},
+    )
+    origin = tf.constant(f"tfds:{name}/{split}")
+    ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32), origin))
+    size = tuple(shape[:2]) if None not in shape[:2] else None
+    info = DatasetInfo(
+        f"tfds:{name}", list(features["label"].names), shape[-1] or 3, size,
+        splits[split].num_examples if split in splits else None,
+    )
+    return ds, info, None
+
+
+def _list_class_folders(root):
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such directory")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"{root}: no class sub-directories (expected one folder per class)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        images = sorted(
+            os.path.join(folder, f) for f in os.listdir(folder)
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not images:
+            raise DataError(f"{folder}: class folder has no .jpg/.jpeg/.png files")
+        files += images
+        labels += [label] * len(images)
+    return classes, files, labels
+
+
+def _in_validation_split(path):
+    # Stable across runs and machines: a hash of the file name, not of the listing order.
+    digest = hashlib.md5(os.path.basename(path).encode()).digest()
+    return digest[0] < 256 * FOLDER_VAL_FRACTION
+
+
+def _folder_source(root, split, training=False, seed=None, **unused):
+    del unused
+    sub = {"train": "train", "validation": "val"}.get(split)
+    if sub is None:
+        raise DataError(f"folder datasets have splits train and validation, not {split!r}")
+    if os.path.isdir(os.path.join(root, "train")):
+        split_root = os.path.join(root, sub)
+        if sub == "val" and not os.path.isdir(split_root):
+            split_root = os.path.join(root, "validation")
+        classes, files, labels = _list_class_folders(split_root)
+    else:
+        classes, files, labels = _list_class_folders(root)
+        keep = [_in_validation_split(f) == (split == "validation") for f in files]
+        files = [f for f, k in zip(files, keep) if k]
+        labels = [y for y, k in zip(labels, keep) if k]
+        if not files:
+            raise DataError(f"{root}: no images fall in the {split} split")
+    files_ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, np.int32)))
+    info = DatasetInfo(f"folder:{root}", classes, 3, None, len(files))
+    return files_ds, info, "folder"
+
+
+def _parse_example(record, one_based_labels):
+    features = tf.io.parse_single_example(record, {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+    })
+    label = tf.cast(features["image/class/label"], tf.int32) - int(one_based_labels)
+    return features["image/encoded"], label
+
+
+def _tfrecord_source(pattern, split, num_classes=None, one_based_labels=False, **unused):
+    del unused
+    if "{split}" in pattern:
+        pattern = pattern.replace("{split}", split)
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise DataError(f"{pattern}: no TFRecord files match")
+    if num_classes is None:
+        raise DataError("tfrecord datasets need --num_classes (labels carry no class names)")
+    names = [str(i) for i in range(num_classes)]
+    return tf.data.Dataset.from_tensor_slices(files), DatasetInfo(f"tfrecord:{pattern}", names, 3), "tfrecord"
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def load_source(source, split, data_dir=None, training=False, seed=None, input_context=None,
+                num_classes=None, one_based_labels=False, parallel_reads=tf.data.AUTOTUNE,
+                deterministic=False):
+    """Reads a split as (image, label, origin) records, before any preprocessing.
+
+    Returns:
+        (dataset, DatasetInfo). File sources are sharded by file under `input_context`.
+    """
+    kind, arg = parse_source(source)
+    split = _canonical_split(split)
+    kwargs = dict(training=training, seed=seed, input_context=input_context)
+    if kind in ("fashion_mnist", "mnist"):
+        ds, info, files = _idx_source(kind, arg, split, data_dir)
+    elif kind == "tfds":
+        ds, info, files = _tfds_source(arg, split, data_dir, **kwargs)
+    elif kind == "folder":
+        ds, info, files = _folder_source(arg, split, **kwargs)
+    else:
+        ds, info, files = _tfrecord_source(arg, split, num_classes, one_based_labels)
+
+    sharded_by_tfds = kind == "tfds" and input_context is not None
+    if input_context is not None and input_context.num_input_pipelines > 1 and not sharded_by_tfds:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if files == "folder":
+        if training:
+            ds = ds.shuffle(info.num_examples, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.map(lambda path, label: (tf.io.read_file(path), label, path),
+                    num_parallel_calls=parallel_reads, deterministic=deterministic)
+    elif files == "tfrecord":
+        if training:
+            ds = ds.shuffle(1024, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.interleave(
+            lambda path: tf.data.TFRecordDataset(path).map(
+                lambda r: (*_parse_example(r, one_based_labels), path)),
+            cycle_length=16, num_parallel_calls=parallel_reads, deterministic=deterministic)
+    return ds, info
+
+
+def _check_label(image, label, origin, num_classes):
+    # Works on one record or a batch; a batch names its first bad record.
+    ok = tf.logical_and(label >= 0, label < num_classes)
+    bad = tf.argmin(tf.cast(tf.reshape(ok, [-1]), tf.int32))
+    check = tf.debugging.Assert(
+        tf.reduce_all(ok),
+        [f"label outside [0, {num_classes}) in", tf.gather(tf.reshape(origin, [-1]), bad),
+         "label:", tf.gather(tf.reshape(label, [-1]), bad)])
+    with tf.control_dependencies([check]):
+        return image, tf.identity(label), origin
+
+
+def default_preprocess_config(info, variant_image_size, image_size=None):
+    """The PreprocessConfig a source needs: paper crops for photos, pad-crop for small images."""
+    channels = info.channels
+    if info.small_images:
+        size = image_size or info.image_size[0]
+        mean, std = {
+            "fashion_mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+            "mnist": (MNIST_MEAN, MNIST_STD),
+        }.get(info.source.split(":")[0], (127.5, 127.5))
+        return preprocessing.PreprocessConfig(
+            image_size=size, resize_size=size, channels=channels,
+            mean=(mean,) * channels, std=(std,) * channels,
+            crop="pad", pad=max(2, size // 8),
+            flip=not info.source.startswith(("mnist", "tfds:mnist")),
+        )
+    size = image_size or variant_image_size
+    mean = preprocessing.IMAGENET_MEAN if channels == 3 else (sum(preprocessing.IMAGENET_MEAN) / 3,)
+    return preprocessing.PreprocessConfig(
+        image_size=size, resize_size=round(size * 256 / 227) if size != 227 else 256,
+        channels=channels, mean=mean, std=(1.0,) * channels,
+    )
+
+
+def make_dataset(
+    source,
+    split,
+    training,
+    batch_size,
+    preprocess,
+    data_dir=None,
+    seed=None,
+    deterministic=None,
+    cache=False,
+    shuffle_buffer=10_000,
+    repeat=False,
+    ten_crop=False,
+    num_classes=None,
+    one_based_labels=False,
+    input_context=None,
+):
+    """Builds the batched, preprocessed tf.data pipeline for one split.
+
+    Args:
+        source: see the module docstring.
+        split: "train", "validation" (or "test").
+        training: training augmentation and shuffling when True, evaluation views otherwise.
+        batch_size: batch size of this pipeline (per replica group under `input_context`).
+        preprocess: a `preprocessing.PreprocessConfig` (see `default_preprocess_config`).
+        data_dir: TFDS data directory.
+        seed: seeds shuffling and augmentation; with a seed the pipeline is deterministic.
+        deterministic: override of the element order guarantee (default: True iff seed given).
+        cache: cache decoded records in memory (small datasets).
+        shuffle_buffer: records in the shuffle buffer.
+        repeat: repeat forever (use with steps_per_epoch).
+        ten_crop: evaluation yields [10, H, W, C] per image (paper §4.1).
+        num_classes: labels must lie in [0, num_classes); defaults to the source's class count.
+        one_based_labels: TFRecord labels start at 1 (tensorflow/models' ImageNet scripts).
+        input_context: a `tf.distribute.InputContext`; shards the files per input pipeline.
+
+    Returns:
+        (dataset of (images, labels), DatasetInfo).
+    """
+    if deterministic is None:
+        deterministic = seed is not None
+    ds, info = load_source(source, split, data_dir, training, seed, input_context, num_classes,
+                           one_based_labels, deterministic=deterministic)
+    num_classes = num_classes or info.num_classes
+    info.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_images")
+
+    if preprocess.channels != info.channels and info.channels is not None:
+        logging.info("Converting %d-channel images of %s to %d channels",
+                     info.channels, source, preprocess.channels)
+    if preprocess.channels == 1 and training:
+        logging.info("One-channel images: PCA lighting is off (it is defined on RGB)")
+
+    if ds.element_spec[0].dtype == tf.string:
+        skipped = info.skipped
+
+        def complete(image, label, origin):
+            ok = preprocessing.looks_complete(image)
+            with tf.control_dependencies([skipped.assign_add(tf.cast(~ok, tf.int64))]):
+                return tf.identity(ok)
+
+        ds = ds.filter(complete)
+    if cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+
+    channels = preprocess.channels
+    batched = False
+
+    def fit_channels(image):
+        if image.dtype == tf.string:
+            return image
+        if image.shape[-1] == channels:
+            return image
+        return tf.image.rgb_to_grayscale(image) if channels == 1 else tf.image.grayscale_to_rgb(image)
+
+    if training and ds.element_spec[0].dtype != tf.string and preprocess.crop == "pad":
+        # Same-size in-memory images (MNIST, CIFAR): batch first, augment whole batches.
+        ds = ds.map(lambda x, y, o: (fit_channels(x), y, o))
+        ds = ds.batch(batch_size, drop_remainder=True)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda example, s: (preprocessing.train_batch(example[0], s, preprocess), *example[1:]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        batched = True
+    elif training:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds)
+        ds = ds.map(
+            lambda example, s: (
+                preprocessing.train_image(fit_channels(example[0]), s, preprocess), *example[1:]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    else:
+        def evaluate(image, label, origin):
+            image = fit_channels(image)
+            if image.dtype == tf.string:
+                image = preprocessing.decode(image, channels)
+            view = preprocessing.ten_crop if ten_crop else preprocessing.eval_image
+            return view(image, preprocess), label, origin
+
+        ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    # Backstop for corrupt data that passes the header/trailer check (e.g. garbage mid-file).
+    ds = ds.ignore_errors(log_warning=True)
+    # After ignore_errors, so that a bad label stops the run with its file named.
+    ds = ds.map(lambda x, y, o: _check_label(x, y, o, num_classes)[:2])
+    if not batched:
+        ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=deterministic)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    ds = ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    return ds, info

@@ -1,0 +1,436 @@
+"""Image preprocessing of paper §4.1: training crops, flips and PCA lighting; eval and 10-crop.
+
+Every op takes one image (or encoded bytes) and works both eagerly and inside `tf.data.map`.
+Images are float32 in [0, 255] until `normalize`. The evaluation functions here are the ones the
+exported serving signatures call, so training and serving cannot drift apart.
+"""
+
+import dataclasses
+import json
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+# ImageNet RGB statistics in [0, 255] (the usual torchvision / Caffe values).
+IMAGENET_MEAN = (123.68, 116.779, 103.939)
+IMAGENET_STD = (58.393, 57.12, 57.375)
+# PCA of ImageNet RGB pixels in [0, 1], as used by fb.resnet.torch (transforms.lua, Lighting).
+# Columns of IMAGENET_EIGVEC are the eigenvectors.
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+PCA_ALPHA_STD = 0.1  # paper §4.1: "Gaussian with mean zero and standard deviation 0.1"
+CROP_SCHEMES = ("paper", "inception", "pad")
+
+
+@dataclasses.dataclass
+class PreprocessConfig:
+    """Everything that turns stored images into model inputs; saved with each run as JSON.
+
+    Attributes:
+        image_size: side of the square crop fed to the model (paper: 227 for conv1's 55x55).
+        resize_size: shorter side before cropping (paper §2: 256). Equal to image_size for small
+            images, which are then only padded and cropped.
+        channels: 3 (RGB) or 1 (grey).
+        mean, std: per-channel statistics in [0, 255]; the paper subtracts the mean only (std 1).
+        crop: "paper" (random image_size window of the central resize_size square), "inception"
+            (random area 8-100%, aspect 3/4-4/3) or "pad" (pad by `pad` pixels, random crop).
+        pad: padding of the "pad" scheme.
+        flip: random horizontal flips (off for digits).
+        eigval, eigvec: PCA lighting eigen-pairs for pixels in [0, 1]; None disables it.
+        pca_alpha_std: standard deviation of the lighting coefficients.
+    """
+
+    image_size: int = 227
+    resize_size: int = 256
+    channels: int = 3
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = (1.0, 1.0, 1.0)
+    crop: str = "paper"
+    pad: int = 4
+    flip: bool = True
+    eigval: tuple | None = IMAGENET_EIGVAL
+    eigvec: tuple | None = IMAGENET_EIGVEC
+    pca_alpha_std: float = PCA_ALPHA_STD
+
+    def __post_init__(self):
+        if self.crop not in CROP_SCHEMES:
+            raise ValueError(f"unknown crop scheme {self.crop!r}; choose one of {CROP_SCHEMES}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need {self.channels} values")
+        if self.channels != 3:
+            self.eigval = self.eigvec = None  # PCA lighting is defined on RGB only
+
+    def to_json(self, path):
+        with tf.io.gfile.GFile(path, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+
+    @classmethod
+    def from_json(cls, path):
+        with tf.io.gfile.GFile(path) as f:
+            fields = json.load(f)
+        for key in ("mean", "std", "eigval", "eigvec"):
+            if fields.get(key) is not None:
+                fields[key] = tuple(
+                    tuple(v) if isinstance(v, list) else v for v in fields[key]
+                )
+        return cls(**fields)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def is_encoded(image):
+    """True for a scalar string tensor (encoded JPEG/PNG), False for a decoded image."""
+    return tf.convert_to_tensor(image).dtype == tf.string
+
+
+def decode(encoded, channels):
+    """Decodes JPEG/PNG bytes to float32 [H, W, channels] in [0, 255]."""
+    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+    return tf.cast(image, tf.float32)
+
+
+def looks_complete(encoded):
+    """Cheap in-graph check that bytes are a whole JPEG or PNG file (magic and end marker).
+
+    Zero-byte, non-image and truncated files fail it, so they can be skipped and counted
+    instead of stopping an epoch with a decode error.
+    """
+    size = tf.strings.length(encoded)
+    tail2 = tf.strings.substr(encoded, tf.maximum(size - 2, 0), 2)
+    tail8 = tf.strings.substr(encoded, tf.maximum(size - 8, 0), 8)
+    jpeg = tf.logical_and(tf.io.is_jpeg(encoded), tf.equal(tail2, b"\xff\xd9"))
+    png = tf.logical_and(
+        tf.equal(tf.strings.substr(encoded, 0, 8), b"\x89PNG\r\n\x1a\n"),
+        tf.equal(tail8, b"IEND\xaeB`\x82"),
+    )
+    return tf.logical_and(size > 0, tf.logical_or(jpeg, png))
+
+
+def _decode_window(image, offset_h, offset_w, height, width, channels):
+    """Decodes (or slices) one window; JPEG decoding is fused with the crop."""
+    if not is_encoded(image):
+        return tf.cast(image[offset_h : offset_h + height, offset_w : offset_w + width], tf.float32)
+
+    def fused():
+        window = tf.stack([offset_h, offset_w, height, width])
+        return tf.cast(tf.image.decode_and_crop_jpeg(image, window, channels=channels), tf.float32)
+
+    def full():
+        decoded = decode(image, channels)
+        return decoded[offset_h : offset_h + height, offset_w : offset_w + width]
+
+    return tf.cond(tf.io.is_jpeg(image), fused, full)
+
+
+def image_shape(image):
+    """[height, width] of an encoded JPEG/PNG (read from the header) or a decoded image."""
+    image = tf.convert_to_tensor(image)
+    if not is_encoded(image):
+        return tf.shape(image)[:2]
+
+    def png_shape():  # IHDR: width and height are big-endian uint32 at bytes 16..23
+        header = tf.io.decode_raw(tf.strings.substr(image, 16, 8), tf.uint8)
+        header = tf.cast(header, tf.int32)
+        width = header[0] * 2**24 + header[1] * 2**16 + header[2] * 2**8 + header[3]
+        height = header[4] * 2**24 + header[5] * 2**16 + header[6] * 2**8 + header[7]
+        return tf.stack([height, width])
+
+    return tf.cond(
+        tf.io.is_jpeg(image), lambda: tf.io.extract_jpeg_shape(image)[:2], png_shape
+    )
+
+
+def _resize(image, height, width):
+    size = tf.stack([height, width])
+    same = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
+    return tf.cond(same, lambda: image, lambda: tf.image.resize(image, size, antialias=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Training ops
+
+
+def paper_crop(image, seed, config):
+    """Paper §2/§4.1: a random image_size window of the central square, at resize_size scale.
+
+    The window is chosen in original pixel coordinates, decoded alone (JPEG) and resized, which
+    equals resizing the shorter side to resize_size first and cropping after, up to resampling.
+    """
+    image = tf.convert_to_tensor(image)
+    shape = image_shape(image)
+    short = tf.minimum(shape[0], shape[1])
+    side = tf.maximum(
+        1, tf.cast(tf.round(tf.cast(short, tf.float32) * config.image_size / config.resize_size), tf.int32)
+    )
+    side = tf.minimum(side, short)
+    square_h, square_w = (shape[0] - short) // 2, (shape[1] - short) // 2
+    offsets = tf.random.stateless_uniform([2], seed, 0, short - side + 1, dtype=tf.int32)
+    window = _decode_window(
+        image, square_h + offsets[0], square_w + offsets[1], side, side, config.channels
+    )
+    return _resize(window, config.image_size, config.image_size)
+
+
+def inception_crop(image, seed, config):
+    """Inception-style random-resized crop: 8-100% of the area, aspect ratio 3/4-4/3."""
+    image = tf.convert_to_tensor(image)
+    shape = image_shape(image)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.concat([shape, [config.channels]], 0),
+        bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    window = _decode_window(image, begin[0], begin[1], size[0], size[1], config.channels)
+    return _resize(window, config.image_size, config.image_size)
+
+
+def pad_crop(image, seed, config):
+    """Small images: resize to image_size if needed, zero-pad by `pad`, random image_size crop."""
+    image = tf.convert_to_tensor(image)
+    if is_encoded(image):
+        image = decode(image, config.channels)
+    return pad_crop_batch(image[None], seed, config)[0]
+
+
+def pad_crop_batch(images, seed, config):
+    """`pad_crop` of a batch [B, H, W, C] of same-size images, one random window per image.
+
+    Vectorised (two batched gathers) because per-image map calls dominate the cost of
+    augmenting 28x28 images on a 2-core machine.
+    """
+    images = tf.cast(images, tf.float32)
+    if images.shape[1] != config.image_size or images.shape[2] != config.image_size:
+        images = tf.image.resize(images, [config.image_size, config.image_size], antialias=True)
+    p, size = config.pad, config.image_size
+    padded = tf.pad(images, [[0, 0], [p, p], [p, p], [0, 0]])
+    offsets = tf.random.stateless_uniform([tf.shape(images)[0], 2], seed, 0, 2 * p + 1, tf.int32)
+    window = tf.range(size)
+    rows = offsets[:, :1] + window  # [B, size]
+    cols = offsets[:, 1:] + window
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, cols, axis=2, batch_dims=1)
+
+
+def random_flip_batch(images, seed):
+    """Each image of a batch or its left-right mirror, with probability 1/2 each."""
+    flip = tf.random.stateless_uniform([tf.shape(images)[0], 1, 1, 1], seed) < 0.5
+    return tf.where(flip, tf.reverse(images, axis=[2]), images)
+
+
+def random_flip(image, seed):
+    """The image or its left-right mirror, with probability 1/2 each."""
+    image = tf.convert_to_tensor(image)
+    return tf.image.stateless_random_flip_left_right(image, seed)
+
+
+def pca_lighting(image, alpha, eigval, eigvec, pixel_scale=255.0):
+    """Paper §4.1: adds eigvec @ (alpha * eigval) to every RGB pixel.
+
+    Args:
+        image: float [..., H, W, 3] in [0, pixel_scale].
+        alpha: [..., 3] coefficients, one draw per image (~ N(0, 0.1)).
+        eigval, eigvec: eigen-pairs of the RGB covariance for pixels in [0, 1] (columns of eigvec).
+        pixel_scale: the pixel range the eigenvalues are scaled to.
+    """
+    eigval = tf.constant(eigval, tf.float32) * pixel_scale
+    eigvec = tf.constant(eigvec, tf.float32)
+    shift = tf.linalg.matvec(eigvec, tf.cast(alpha, tf.float32) * eigval)
+    return image + shift[..., None, None, :]
+
+
+def normalize(image, config):
+    """Per-channel mean subtraction (paper §2) and optional std division."""
+    mean = tf.constant(config.mean, tf.float32)
+    std = tf.constant(config.std, tf.float32)
+    return (tf.cast(image, tf.float32) - mean) / std
+
+
+def train_image(image, seed, config):
+    """Full training augmentation of one image: crop, flip, PCA lighting, normalisation.
+
+    Args:
+        image: encoded bytes (scalar string) or a decoded [H, W, C] image in [0, 255].
+        seed: int32/int64 [2] stateless seed; the same seed gives the same augmentation.
+        config: a `PreprocessConfig`.
+    """
+    image = tf.convert_to_tensor(image)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+    crop = {"paper": paper_crop, "inception": inception_crop, "pad": pad_crop}[config.crop]
+    image = crop(image, seeds[0], config)
+    if config.flip:
+        image = random_flip(image, seeds[1])
+    if config.eigval is not None:
+        alpha = tf.random.stateless_normal([3], seeds[2], stddev=config.pca_alpha_std)
+        image = pca_lighting(image, alpha, config.eigval, config.eigvec)
+    image = normalize(image, config)
+    return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
+
+
+def train_batch(images, seed, config):
+    """`train_image` for a batch of same-size decoded images with crop="pad", vectorised."""
+    if config.crop != "pad":
+        raise ValueError("train_batch supports the 'pad' crop scheme only")
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+    images = pad_crop_batch(images, seeds[0], config)
+    if config.flip:
+        images = random_flip_batch(images, seeds[1])
+    if config.eigval is not None:
+        alpha = tf.random.stateless_normal(
+            [tf.shape(images)[0], 3], seeds[2], stddev=config.pca_alpha_std)
+        images = pca_lighting(images, alpha, config.eigval, config.eigvec)
+    return normalize(images, config)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation ops (also used by the serving signatures)
+
+
+def resize_shorter_side(image, size):
+    """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
+    image = tf.convert_to_tensor(image)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
+    new = tf.cast(tf.round(shape * scale), tf.int32)
+    return _resize(tf.cast(image, tf.float32), new[0], new[1])
+
+
+def center_crop(image, size):
+    """The central size x size window."""
+    image = tf.convert_to_tensor(image)
+    shape = tf.shape(image)
+    top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def eval_image(image, config):
+    """Evaluation view of one decoded image: shorter side to resize_size, centre crop, normalise.
+
+    Args:
+        image: [H, W, C] uint8 or float in [0, 255] (decode encoded bytes with `decode` first).
+        config: a `PreprocessConfig`.
+    """
+    image = center_crop(resize_shorter_side(image, config.resize_size), config.image_size)
+    image = normalize(image, config)
+    return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
+
+
+def ten_crop(image, config):
+    """Paper §4.1 test-time views: four corners and centre of the central square, and mirrors.
+
+    Returns:
+        [10, image_size, image_size, C]: crops 0-4 are top-left, top-right, bottom-left,
+        bottom-right and centre; crops 5-9 are their horizontal mirrors in the same order.
+    """
+    square = center_crop(resize_shorter_side(image, config.resize_size), config.resize_size)
+    s, c = config.resize_size, config.image_size
+    offsets = [(0, 0), (0, s - c), (s - c, 0), (s - c, s - c), ((s - c) // 2, (s - c) // 2)]
+    crops = tf.stack([square[t : t + c, l : l + c] for t, l in offsets])
+    crops = tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
+    crops = normalize(crops, config)
+    return tf.ensure_shape(crops, [10, c, c, config.channels])
+
+
+# --------------------------------------------------------------------------------------------
+# PCA lighting outside the pipeline, and eigen-pairs from a user's data
+
+
+@keras.saving.register_keras_serializable(package="alexnet_tf")
+class PCALighting(keras.layers.Layer):
+    """Keras preprocessing layer for the paper's PCA colour augmentation (§4.1).
+
+    Active only with `training=True` (like `keras.layers.RandomFlip`), so it can sit at the
+    front of a model or in a `tf.data` map of a user's own `model.fit` pipeline.
+
+    Args:
+        eigval, eigvec: eigen-pairs for RGB in [0, 1] (default: ImageNet, fb.resnet.torch).
+        alpha_std: standard deviation of the per-image coefficients (paper: 0.1).
+        pixel_scale: pixel range of the inputs (255 for [0, 255], 1 for [0, 1]).
+        seed: optional int seed.
+
+    Example:
+        >>> layer = PCALighting()
+        >>> layer(tf.zeros([2, 8, 8, 3]), training=True).shape
+        TensorShape([2, 8, 8, 3])
+    """
+
+    def __init__(
+        self,
+        eigval=IMAGENET_EIGVAL,
+        eigvec=IMAGENET_EIGVEC,
+        alpha_std=PCA_ALPHA_STD,
+        pixel_scale=255.0,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.eigval = tuple(float(v) for v in eigval)
+        self.eigvec = tuple(tuple(float(v) for v in row) for row in eigvec)
+        self.alpha_std = float(alpha_std)
+        self.pixel_scale = float(pixel_scale)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=False):
+        if not training:
+            return inputs
+        batch_shape = tf.shape(inputs)[:-3]
+        alpha = keras.random.normal(
+            tf.concat([batch_shape, [3]], 0), stddev=self.alpha_std, seed=self.seed_generator
+        )
+        shifted = pca_lighting(inputs, alpha, self.eigval, self.eigvec, self.pixel_scale)
+        return tf.cast(shifted, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            eigval=self.eigval,
+            eigvec=self.eigvec,
+            alpha_std=self.alpha_std,
+            pixel_scale=self.pixel_scale,
+            seed=self.seed,
+        )
+        return config
+
+
+def compute_pca(images, max_pixels=1_000_000, seed=0):
+    """Eigen-pairs of the RGB pixel covariance, for pixels scaled to [0, 1].
+
+    Args:
+        images: an iterable of [H, W, 3] arrays/tensors in [0, 255] (e.g. a sample of the
+            training set, decoded).
+        max_pixels: pixels sampled in total (uniformly from each image).
+        seed: sampling seed.
+
+    Returns:
+        (eigval, eigvec): eigenvalues in decreasing order and eigenvectors as columns, the layout
+        of `IMAGENET_EIGVAL` / `IMAGENET_EIGVEC`.
+    """
+    rng = np.random.default_rng(seed)
+    pixels = [np.reshape(np.asarray(image, np.float64), (-1, 3)) / 255.0 for image in images]
+    if not pixels:
+        raise ValueError("compute_pca needs at least one image")
+    per_image = max(1, max_pixels // len(pixels))
+    sample = np.concatenate(
+        [p[rng.choice(len(p), min(per_image, len(p)), replace=False)] for p in pixels]
+    )
+    eigval, eigvec = np.linalg.eigh(np.cov(sample, rowvar=False))
+    order = np.argsort(eigval)[::-1]
+    eigval, eigvec = eigval[order], eigvec[:, order]
+    # Fix each eigenvector's sign (first component negative, as in the ImageNet values).
+    eigvec = eigvec * -np.sign(eigvec[0:1, :] + 1e-12)
+    return tuple(eigval.tolist()), tuple(map(tuple, eigvec.tolist()))

@@ -1,0 +1,188 @@
+"""Every data source read from small files the test writes, bad data, determinism, sharding."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from alexnet_tf import data
+from alexnet_tf.preprocessing import PreprocessConfig
+from tests.helpers import smooth_image, write_folder_tree, write_idx, write_tfrecord
+
+SMALL = PreprocessConfig(image_size=32, resize_size=36)
+
+
+def collect(ds):
+    images, labels = [], []
+    for x, y in ds:
+        images.append(x.numpy())
+        labels.append(y.numpy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def test_folder_source_with_train_and_val_trees(tmp_path):
+    write_folder_tree(tmp_path / "train", classes=("zebra", "ant"), per_class=3)
+    write_folder_tree(tmp_path / "val", classes=("zebra", "ant"), per_class=2, fmt="png")
+    source = f"folder:{tmp_path}"
+    ds, info = data.make_dataset(source, "train", True, 2, SMALL, seed=0)
+    assert info.class_names == ["ant", "zebra"]  # sorted folder names
+    images, labels = collect(ds.take(3))
+    assert images.shape == (6, 32, 32, 3) and images.dtype == np.float32
+    assert set(labels) <= {0, 1}
+    ds, info = data.make_dataset(source, "validation", False, 4, SMALL)
+    images, labels = collect(ds)
+    assert images.shape == (4, 32, 32, 3) and sorted(labels) == [0, 0, 1, 1]
+
+
+def test_folder_source_seeded_split_is_stable_and_disjoint(tmp_path):
+    write_folder_tree(tmp_path, classes=("a", "b"), per_class=30)
+    _, train = data.load_source(f"folder:{tmp_path}", "train")
+    _, val = data.load_source(f"folder:{tmp_path}", "validation")
+    assert train.num_examples + val.num_examples == 60 and val.num_examples > 0
+    first = [p.numpy() for _, _, p in data.load_source(f"folder:{tmp_path}", "validation")[0]]
+    second = [p.numpy() for _, _, p in data.load_source(f"folder:{tmp_path}", "validation")[0]]
+    train_paths = {p.numpy() for _, _, p in data.load_source(f"folder:{tmp_path}", "train")[0]}
+    assert sorted(first) == sorted(second) and not set(first) & train_paths
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path):
+    paths = write_folder_tree(tmp_path / "train", classes=("a", "b"), per_class=3)
+    with open(paths[0], "rb") as f:
+        whole = f.read()
+    with open(paths[0], "wb") as f:
+        f.write(whole[: len(whole) // 2])  # truncated
+    open(paths[1], "wb").close()  # zero bytes
+    with open(paths[3], "wb") as f:
+        f.write(b"this is a text file with a .jpg name")
+    ds, info = data.make_dataset(f"folder:{tmp_path}", "train", False, 10, SMALL)
+    images, labels = collect(ds)
+    assert len(images) == 3
+    assert int(info.skipped.numpy()) == 3
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("empty", "no class sub-directories"),
+    ("no_images", "class folder has no .jpg/.jpeg/.png files"),
+    ("missing", "no such directory"),
+])
+def test_folder_errors_name_the_path(tmp_path, layout, message):
+    if layout == "no_images":
+        write_folder_tree(tmp_path, classes=("a",), per_class=1)
+        os.makedirs(tmp_path / "b")
+        (tmp_path / "b" / "notes.txt").write_text("no images here")
+    root = tmp_path / "nope" if layout == "missing" else tmp_path
+    with pytest.raises(data.DataError, match=message) as error:
+        data.make_dataset(f"folder:{root}", "train", True, 2, SMALL)
+    assert str(root) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_tfrecord_source_with_split_placeholder_and_one_based_labels(tmp_path):
+    write_tfrecord(str(tmp_path / "train-00000-of-00002"), [1, 2, 3])
+    write_tfrecord(str(tmp_path / "train-00001-of-00002"), [3, 2])
+    write_tfrecord(str(tmp_path / "validation-00000-of-00001"), [1, 3])
+    source = f"tfrecord:{tmp_path}/{{split}}-*"
+    ds, info = data.make_dataset(source, "train", False, 8, SMALL, num_classes=3, one_based_labels=True)
+    images, labels = collect(ds)
+    assert images.shape == (5, 32, 32, 3)
+    assert sorted(labels) == [0, 1, 1, 2, 2]
+    assert info.class_names == ["0", "1", "2"]
+    _, labels = collect(data.make_dataset(source, "validation", False, 8, SMALL, num_classes=3,
+                                          one_based_labels=True)[0])
+    assert sorted(labels) == [0, 2]
+
+
+def test_tfrecord_label_outside_num_classes_names_the_file(tmp_path):
+    shard = str(tmp_path / "train-00000-of-00001")
+    write_tfrecord(shard, [0, 7])
+    ds, _ = data.make_dataset(f"tfrecord:{shard}", "train", False, 4, SMALL, num_classes=3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="label outside") as error:
+        collect(ds)
+    assert shard in str(error.value)
+
+
+def test_tfrecord_glob_matching_nothing(tmp_path):
+    with pytest.raises(data.DataError, match=f"{tmp_path}/x-\\*: no TFRecord files match"):
+        data.make_dataset(f"tfrecord:{tmp_path}/x-*", "train", True, 2, SMALL, num_classes=2)
+
+
+def test_idx_source_reads_written_files(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 12)
+    write_idx(tmp_path, "train", images, labels)
+    write_idx(tmp_path, "t10k", images[:5], labels[:5])
+    source = f"fashion_mnist:{tmp_path}"
+    ds, info = data.make_dataset(source, "test", False, 5, data.default_preprocess_config(
+        data.load_source(source, "train")[1], 227))
+    got, got_labels = collect(ds)
+    assert info.class_names[9] == "Ankle boot" and info.channels == 1
+    np.testing.assert_array_equal(got_labels, labels[:5])
+    # Evaluation view of a 28x28 image is the image itself, normalised.
+    np.testing.assert_allclose(got[..., 0], (images[:5] - data.FASHION_MNIST_MEAN) / data.FASHION_MNIST_STD,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_idx_file_is_a_clear_error(tmp_path):
+    write_idx(tmp_path, "train", np.zeros((3, 28, 28), np.uint8), np.zeros(3))
+    import gzip
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(data.DataError, match="truncated IDX file"):
+        data.load_source(f"fashion_mnist:{tmp_path}", "train")
+
+
+@pytest.mark.skipif(not os.path.exists(data.IDX_DIRS["fashion_mnist"]),
+                    reason="Debian's dataset-fashion-mnist is not installed (CI installs it)")
+def test_real_fashion_mnist():
+    ds, info = data.load_source("fashion_mnist", "train")
+    assert info.num_examples == 60_000 and info.image_size == (28, 28)
+    config = data.default_preprocess_config(info, 227)
+    batch, labels = next(iter(data.make_dataset("fashion_mnist", "train", True, 64, config, seed=0)[0]))
+    assert batch.shape == (64, 28, 28, 1)
+    assert abs(float(tf.reduce_mean(batch))) < 0.3  # normalised with the dataset's statistics
+    assert len(set(labels.numpy().tolist())) > 5
+
+
+def test_seeded_pipeline_is_deterministic(tmp_path):
+    write_folder_tree(tmp_path / "train", classes=("a", "b"), per_class=4)
+    source = f"folder:{tmp_path}"
+    first = collect(data.make_dataset(source, "train", True, 4, SMALL, seed=5)[0].take(2))
+    second = collect(data.make_dataset(source, "train", True, 4, SMALL, seed=5)[0].take(2))
+    other = collect(data.make_dataset(source, "train", True, 4, SMALL, seed=6)[0].take(2))
+    np.testing.assert_array_equal(first[0], second[0])
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_sharding_gives_disjoint_parts(tmp_path):
+    for i in range(4):
+        write_tfrecord(str(tmp_path / f"train-{i}"), [i] * 3)
+    parts = []
+    for pipeline in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline)
+        ds, _ = data.make_dataset(f"tfrecord:{tmp_path}/train-*", "train", False, 12, SMALL,
+                                  num_classes=4, input_context=context)
+        parts.append(sorted(collect(ds)[1].tolist()))
+    assert sorted(parts[0] + parts[1]) == sorted([0, 1, 2, 3] * 3)
+    assert not set(parts[0]) & set(parts[1])
+
+
+def test_tfds_source_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=8):
+        ds, info = data.make_dataset("tfds:cifar10", "train", True, 4, SMALL, seed=0)
+        images, labels = collect(ds.take(2))
+    # Offline, TFDS knows the features from code (10 labels, 32x32x3) but not the label names.
+    assert info.num_classes == 10 and info.image_size == (32, 32) and info.channels == 3
+    assert images.shape == (8, 32, 32, 3) and labels.max() < 10
+
+
+@pytest.mark.parametrize("source, message", [
+    ("imagenet", "unknown dataset 'imagenet'"),
+    ("folder:", "needs a value after 'folder:'"),
+])
+def test_bad_source_strings(source, message):
+    with pytest.raises(data.DataError, match=message):
+        data.parse_source(source)
