@@ -16,10 +16,12 @@ setup(
         "keras-cv",
         "numpy",
         "absl-py",
+        "tensorboard",  # TF >= 2.20 no longer installs it; train.py writes TensorBoard logs
     ],
     extras_require={
         "gpu": ["tensorflow[and-cuda]>=2.16,<3"],
-        "test": ["pytest"],
+        # tensorflow-serving-api: the tests build PredictRequest protos as a TF Serving client would.
+        "test": ["pytest", "tensorflow-serving-api"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

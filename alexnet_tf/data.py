@@ -310,7 +310,7 @@ def default_preprocess_config(info, variant_image_size, image_size=None):
         return preprocessing.PreprocessConfig(
             image_size=size, resize_size=size, channels=channels,
             mean=(mean,) * channels, std=(std,) * channels,
-            crop="pad", pad=max(2, size // 8),
+            crop="pad", pad=size // 8,
             flip=not info.source.startswith(("mnist", "tfds:mnist")),
         )
     size = image_size or variant_image_size
@@ -433,6 +433,8 @@ def make_dataset(
                       deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        # Already sharded above; stop tf.distribute from sharding a second time.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     ds = ds.with_options(options).prefetch(tf.data.AUTOTUNE)
     return ds, info

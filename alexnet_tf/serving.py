@@ -1,0 +1,135 @@
+"""Versioned SavedModel export for TF Serving: encoded images in, labels and scores out.
+
+The signatures run the input pipeline's own evaluation functions (`preprocessing.eval_image`,
+`preprocessing.ten_crop`), so a served model sees exactly what evaluation saw.
+"""
+
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from alexnet_tf import preprocessing
+
+
+class ExportError(RuntimeError):
+    """A user-facing export problem (existing version, bad directory); one-line message."""
+
+
+def next_version(base_dir):
+    """1 + the largest integer version directory under base_dir (1 when there is none)."""
+    if not os.path.isdir(base_dir):
+        return 1
+    versions = [int(d) for d in os.listdir(base_dir) if d.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _classify(model, images, class_names, top_k, ten_crop):
+    """Model inputs [N, H, W, C] (or [N, 10, H, W, C]) -> the signature's output dict."""
+    if ten_crop:
+        shape = tf.shape(images)
+        logits = model(tf.reshape(images, tf.concat([[-1], shape[2:]], 0)), training=False)
+        probabilities = tf.reduce_mean(
+            tf.reshape(tf.nn.softmax(tf.cast(logits, tf.float32)), [shape[0], 10, -1]), axis=1)
+    else:
+        probabilities = tf.nn.softmax(tf.cast(model(images, training=False), tf.float32))
+    scores, class_ids = tf.math.top_k(probabilities, k=top_k)
+    return {
+        "probabilities": probabilities,
+        "classes": tf.gather(tf.constant(class_names), class_ids),
+        "class_ids": class_ids,
+        "scores": scores,
+    }
+
+
+def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
+    """A `keras.export.ExportArchive` with the `serving_default` and `predict_images` endpoints.
+
+    Args:
+        model: a Keras AlexNet taking `config.image_size` square images.
+        class_names: label strings, index = class id.
+        config: the run's `preprocessing.PreprocessConfig`.
+        ten_crop: average softmax over the paper's 10 crops inside the graph.
+        top_k: how many classes/scores to return.
+    """
+    if len(class_names) != model.output_shape[-1]:
+        raise ExportError(
+            f"{len(class_names)} class names for a model with {model.output_shape[-1]} outputs")
+    top_k = min(top_k, len(class_names))
+    view = preprocessing.ten_crop if ten_crop else preprocessing.eval_image
+    out_shape = [10] if ten_crop else []
+    out_shape += [config.image_size, config.image_size, config.channels]
+    view_spec = tf.TensorSpec(out_shape, tf.float32)
+    names = [str(name) for name in class_names]
+
+    def serve_bytes(image_bytes):
+        # Decode on the CPU: TF has no GPU kernel for PNG, and JPEG on GPU gains nothing here.
+        with tf.device("/cpu:0"):
+            images = tf.map_fn(
+                lambda b: view(preprocessing.decode(b, config.channels), config),
+                image_bytes, fn_output_signature=view_spec)
+        return _classify(model, images, names, top_k, ten_crop)
+
+    def serve_images(images):
+        images = tf.map_fn(lambda x: view(x, config), images, fn_output_signature=view_spec)
+        return _classify(model, images, names, top_k, ten_crop)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default", serve_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint(
+        "predict_images", serve_images,
+        input_signature=[tf.TensorSpec([None, None, None, config.channels], tf.float32, name="images")])
+    return archive
+
+
+def load_run(workdir, checkpoint="best"):
+    """(model, class_names, PreprocessConfig) of a training workdir."""
+    import json
+
+    path = os.path.join(workdir, "checkpoints", f"{checkpoint}.keras")
+    if not os.path.exists(path):
+        raise ExportError(f"{path} not found: is --workdir a finished training run?")
+    model = keras.models.load_model(path)
+    with open(os.path.join(workdir, "dataset.json")) as f:
+        class_names = json.load(f)["class_names"]
+    config = preprocessing.PreprocessConfig.from_json(os.path.join(workdir, "preprocessing.json"))
+    return model, class_names, config
+
+
+def export_saved_model(model, export_dir, class_names, config, version=None, ten_crop=False,
+                       overwrite=False, top_k=5):
+    """Writes `<export_dir>/<version>/` atomically and returns its path.
+
+    The SavedModel is written to a hidden temporary directory beside the versions and renamed
+    into place only when complete, so a TF Serving instance watching export_dir never loads a
+    half-written version.
+    """
+    os.makedirs(export_dir, exist_ok=True)
+    version = next_version(export_dir) if version is None else int(version)
+    if version < 1:
+        raise ExportError(f"version must be a positive integer, got {version}")
+    final = os.path.join(export_dir, str(version))
+    if os.path.exists(final) and not overwrite:
+        raise ExportError(f"{final} already exists; pass --overwrite or another --version")
+    archive = build_export_archive(model, class_names, config, ten_crop=ten_crop, top_k=top_k)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
+    try:
+        archive.write_out(tmp, verbose=False)
+        # Also readable without TensorFlow; TF Serving leaves assets.extra/ to its users.
+        os.makedirs(os.path.join(tmp, "assets.extra"))
+        with open(os.path.join(tmp, "assets.extra", "class_names.txt"), "w") as f:
+            f.write("\n".join(str(name) for name in class_names) + "\n")
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logging.info("Exported %s", final)
+    return final

@@ -1,0 +1,511 @@
+"""Training: strategy set-up, the paper's optimisation recipe, fault tolerance and logging.
+
+`train_and_evaluate(config, workdir)` is the library entry point; `train.py` only turns flags
+into a `TrainConfig` and calls it.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from alexnet_tf import data, model as model_lib, preprocessing
+
+STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device", "tpu")
+SCHEDULES = ("plateau", "step", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adam")
+PCA_CHOICES = ("imagenet", "dataset", "none")
+
+
+class TrainingError(RuntimeError):
+    """A training run that cannot go on (bad settings, NaN loss); one-line message."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a run. Defaults are the paper's ImageNet recipe (§5) where it has one."""
+
+    dataset: str = "fashion_mnist"  # a source string of alexnet_tf.data
+    data_dir: str | None = None  # TFDS data directory
+    variant: str = "paper"
+    num_classes: int | None = None  # None: from the dataset
+    image_size: int | None = None  # None: the variant's (227) or the images' own for small ones
+    lrn: str = "paper"  # a preset of LRN_PRESETS, or "none"
+    init: str = "paper"
+    dropout: float = 0.5  # paper §4.2
+    batch_size: int = 128  # global batch, paper §5
+    epochs: int = 90  # paper §5: "roughly 90 cycles"
+    steps_per_epoch: int | None = None  # None: one pass over the training split
+    eval_steps: int | None = None  # None: the whole validation split
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01  # paper §5
+    momentum: float = 0.9  # paper §5
+    weight_decay: float = 5e-4  # paper §5, coupled with momentum as in the paper's update rule
+    schedule: str = "plateau"  # paper §5: divide by 10 when validation error stops improving
+    lr_decay: float = 0.1
+    plateau_patience: int = 3  # epochs without improvement of validation top-1 before a drop
+    max_lr_drops: int = 3  # paper §5: "reduced three times prior to termination"
+    step_size: int = 100_000  # iterations between drops for schedule=step (BVLC solver)
+    warmup_epochs: float = 0.0
+    scale_lr_batch: int | None = None  # scale lr by batch_size / this (linear scaling rule)
+    crop: str = "paper"  # paper | inception (photos); small images always pad-crop
+    pad: int | None = None  # small images: padding of the random crop (None: image_size // 8)
+    pca: str = "imagenet"  # imagenet | dataset (computed from a training sample) | none
+    cache: bool = False
+    shuffle_buffer: int = 10_000
+    one_based_labels: bool = False
+    strategy: str = "auto"
+    cpu_replicas: int = 1  # split the CPU into this many logical devices (tests the mirrored path)
+    mixed_precision: str = "none"  # none | float16 | bfloat16
+    jit_compile: bool = False
+    seed: int | None = None
+    ten_crop_eval: bool = False  # final evaluation with the paper's 10-crop averaging
+    checkpoint_every_steps: int | None = None  # extra mid-epoch backups for long epochs
+
+    def validate(self):
+        checks = [
+            (self.variant in model_lib.VARIANTS, f"unknown variant {self.variant!r}; choose one of {model_lib.VARIANTS}"),
+            (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}"),
+            (self.pca in PCA_CHOICES, f"unknown pca {self.pca!r}; choose one of {PCA_CHOICES}"),
+            (self.mixed_precision in ("none", "float16", "bfloat16"), f"unknown mixed_precision {self.mixed_precision!r}"),
+            (self.crop in ("paper", "inception"), f"unknown crop {self.crop!r}; choose paper or inception"),
+            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
+            (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
+            (self.pad is None or self.pad >= 0, f"pad must be >= 0, got {self.pad}"),
+            (self.cpu_replicas >= 1, f"cpu_replicas must be >= 1, got {self.cpu_replicas}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainingError(message)
+        data.parse_source(self.dataset)
+
+    def to_json(self, path):
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Strategy
+
+
+def make_strategy(config):
+    """Builds the tf.distribute strategy named by config.strategy."""
+    if config.cpu_replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_replicas)
+        except RuntimeError:
+            pass  # already initialised by an earlier run in this process; keep what is there
+    # TPU and multi-worker set-up must come before anything initialises the TF context.
+    if config.strategy == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    if config.strategy == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise TrainingError("--strategy=multi_worker needs the TF_CONFIG environment variable")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if config.strategy == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if config.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy([d.name for d in gpus] if gpus else cpus)
+    # auto: every visible GPU; on a CPU-only machine one device (or the logical CPUs asked for).
+    if gpus:
+        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+    if len(cpus) > 1:
+        return tf.distribute.MirroredStrategy(cpus)
+    return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    return resolver.task_type in (None, "chief") or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks
+
+
+class DivideOnPlateau(keras.callbacks.Callback):
+    """Paper §5: divide the learning rate by 10 when validation top-1 stops improving.
+
+    At most `max_drops` divisions (the paper stopped after three). Its state is kept in a JSON
+    file so that a resumed run continues with the same counters.
+    """
+
+    def __init__(self, factor=0.1, patience=3, max_drops=3, monitor="val_top1", state_path=None):
+        super().__init__()
+        self.factor, self.patience, self.max_drops = factor, patience, max_drops
+        self.monitor, self.state_path = monitor, state_path
+        self.best, self.wait, self.drops = -math.inf, 0, 0
+        if state_path and os.path.exists(state_path):
+            with open(state_path) as f:
+                state = json.load(f)
+            self.best, self.wait, self.drops = state["best"], state["wait"], state["drops"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        if value > self.best:
+            self.best, self.wait = float(value), 0
+        else:
+            self.wait += 1
+            if self.wait >= self.patience and self.drops < self.max_drops:
+                lr = float(self.model.optimizer.learning_rate) * self.factor
+                self.model.optimizer.learning_rate = lr
+                self.drops += 1
+                self.wait = 0
+                logging.info("Epoch %d: validation top-1 stopped improving; learning rate -> %g "
+                             "(drop %d of at most %d)", epoch + 1, lr, self.drops, self.max_drops)
+        if self.state_path:
+            with open(self.state_path, "w") as f:
+                json.dump({"best": self.best, "wait": self.wait, "drops": self.drops}, f)
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops at the first NaN/inf loss and remembers the step, so the run can say where."""
+
+    def __init__(self, steps_per_epoch):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch = 0
+        self.bad_step = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            self.bad_step = (self.epoch, batch, self.epoch * self.steps_per_epoch + batch + 1)
+            self.model.stop_training = True
+
+
+class EpochReport(keras.callbacks.Callback):
+    """One line per epoch with images/s, the learning rate and skipped images; adds `learning_rate`
+    and `images_per_sec` to the logs so CSVLogger and TensorBoard record them."""
+
+    def __init__(self, global_batch, steps_per_epoch, epochs, skipped=None, verbose=True):
+        super().__init__()
+        self.verbose = verbose
+        self.global_batch, self.steps_per_epoch, self.epochs = global_batch, steps_per_epoch, epochs
+        self.skipped = skipped
+        self.start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        elapsed = time.perf_counter() - self.start
+        rate = self.global_batch * self.steps_per_epoch / elapsed
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs["images_per_sec"] = rate
+        parts = [f"epoch {epoch + 1}/{self.epochs}"]
+        for key in ("loss", "top1", "top5", "val_loss", "val_top1", "val_top5"):
+            if key in logs:
+                parts.append(f"{key} {logs[key]:.4f}")
+        parts.append(f"lr {logs['learning_rate']:.3g}")
+        parts.append(f"{rate:.0f} img/s")
+        parts.append(f"{elapsed:.0f}s")
+        if self.skipped is not None:
+            skipped = int(self.skipped.numpy())
+            logs["skipped_images"] = skipped
+            parts.append(f"skipped {skipped} unreadable images so far")
+        if self.verbose:
+            print(" - ".join(parts), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def _learning_rate(config, steps_per_epoch):
+    lr = config.learning_rate
+    if config.scale_lr_batch:
+        lr *= config.batch_size / config.scale_lr_batch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    if config.schedule == "cosine":
+        total = config.epochs * steps_per_epoch
+        if warmup:
+            return keras.optimizers.schedules.CosineDecay(
+                0.0, total - warmup, warmup_target=lr, warmup_steps=warmup)
+        return keras.optimizers.schedules.CosineDecay(lr, total)
+    if config.schedule == "step":  # Caffe "step": lr * gamma^floor(iter / stepsize)
+        return keras.optimizers.schedules.ExponentialDecay(
+            lr, config.step_size, config.lr_decay, staircase=True)
+    return lr  # constant, or plateau (changed by DivideOnPlateau)
+
+
+def _optimizer(config, steps_per_epoch):
+    lr = _learning_rate(config, steps_per_epoch)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    return keras.optimizers.SGD(lr, momentum=config.momentum)
+
+
+def _add_weight_decay(model, weight_decay):
+    # Paper §5's update v <- 0.9 v - 0.0005 eps w - eps grad is momentum SGD on loss +
+    # (0.0005 / 2) ||w||^2. Kernels only: Caffe's reference model does not decay biases.
+    if not weight_decay:
+        return
+    regularizer = keras.regularizers.L2(weight_decay / 2)
+    for layer in model.layers:
+        kernel = getattr(layer, "kernel", None)
+        if kernel is not None:
+            kernel.regularizer = regularizer
+
+
+def _write_image_grid(workdir, dataset, config):
+    """Logs a grid of augmented training images to TensorBoard (de-normalised for viewing)."""
+    images, _ = next(iter(dataset.take(1)))
+    images = images[:16] * tf.constant(config.std) + tf.constant(config.mean)
+    with tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", "train")).as_default():
+        tf.summary.image("augmented_training_images", tf.clip_by_value(images / 255.0, 0, 1),
+                         step=0, max_outputs=16)
+
+
+def _preprocess_config(config, info, workdir):
+    path = os.path.join(workdir, "preprocessing.json")
+    if os.path.exists(path):  # a resumed run keeps the statistics it started with
+        return preprocessing.PreprocessConfig.from_json(path)
+    pre = data.default_preprocess_config(
+        info, model_lib.DEFAULT_IMAGE_SIZE[config.variant], config.image_size)
+    if not info.small_images:
+        pre.crop = config.crop
+    elif config.pad is not None:
+        pre.pad = config.pad
+    if config.pca == "none":
+        pre.eigval = pre.eigvec = None
+    elif config.pca == "dataset" and pre.channels == 3:
+        logging.info("Computing PCA lighting eigen-pairs from 1000 training images")
+        sample, _ = data.load_source(config.dataset, "train", config.data_dir,
+                                     num_classes=config.num_classes,
+                                     one_based_labels=config.one_based_labels)
+        images = (preprocessing.decode(x, 3) if x.dtype == tf.string else x
+                  for x, _, _ in sample.take(1000))
+        pre.eigval, pre.eigvec = preprocessing.compute_pca(images)
+    return pre
+
+
+def _work_around_keras_multi_worker(model, strategy, sample_batch):
+    """Makes Keras 3 `fit` run under MultiWorkerMirroredStrategy (tensorflow#72388).
+
+    Keras 3.15 averages a distributed sample batch across workers to build the metrics, and
+    reduces each step's scalar metrics with `strategy.reduce("MEAN", v, axis=0)`; both fail with
+    several workers. Build from a local batch instead, and reduce scalars with axis=None.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    with strategy.scope():
+        model._symbolic_build(data_batch=sample_batch)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+    original = getattr(tf_trainer.reduce_per_replica, "original", tf_trainer.reduce_per_replica)
+
+    def reduce_per_replica(values, strategy_, reduction):
+        if reduction in ("auto", "mean") and isinstance(
+                strategy_, tf.distribute.MultiWorkerMirroredStrategy):
+            return tf.nest.map_structure(lambda v: strategy_.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy_, reduction)
+
+    reduce_per_replica.original = original
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def build_model(config, num_classes, image_size, channels):
+    """The AlexNet of a config, compiled is left to the caller."""
+    return model_lib.AlexNet(
+        num_classes=num_classes,
+        variant=config.variant,
+        input_shape=(image_size, image_size, channels),
+        lrn=None if config.lrn == "none" else config.lrn,
+        init=config.init,
+        dropout=config.dropout,
+    )
+
+
+def train_and_evaluate(config, workdir):
+    """Trains `config` in `workdir`, resuming from its backup if one is there.
+
+    Writes to workdir: config.json, dataset.json (class names), preprocessing.json,
+    checkpoints/{best,last}.keras, backup/ (resume state), history.csv, tensorboard/,
+    results.json.
+
+    Returns:
+        dict of final metrics (loss, top1, top5, top1_error, top5_error, and ten_crop_* if asked).
+    """
+    config.validate()
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision != "none":
+        keras.config.set_dtype_policy(f"mixed_{config.mixed_precision}")
+    strategy = make_strategy(config)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise TrainingError(
+            f"batch_size {config.batch_size} is not divisible by the {replicas} replicas")
+    chief = _is_chief(strategy)
+    task_dir = workdir if chief else os.path.join(workdir, f"worker_tmp_{strategy.cluster_resolver.task_id}")
+    os.makedirs(os.path.join(task_dir, "checkpoints"), exist_ok=True)
+
+    _, info = data.load_source(config.dataset, "train", config.data_dir,
+                               num_classes=config.num_classes,
+                               one_based_labels=config.one_based_labels)
+    num_classes = config.num_classes or info.num_classes
+    pre = _preprocess_config(config, info, task_dir)
+    min_size = {"cifar": 8, "one_weird_trick": 63}.get(config.variant, 67)
+    if pre.image_size < min_size:
+        raise TrainingError(
+            f"image_size {pre.image_size} is too small for variant {config.variant!r} "
+            f"(at least {min_size})")
+    pre.to_json(os.path.join(task_dir, "preprocessing.json"))
+    config.to_json(os.path.join(task_dir, "config.json"))
+    class_names = info.class_names if len(info.class_names) == num_classes else [
+        str(i) for i in range(num_classes)]
+    with open(os.path.join(task_dir, "dataset.json"), "w") as f:
+        json.dump({"source": config.dataset, "class_names": class_names}, f, indent=2)
+
+    def dataset_fn(split, training, ten_crop=False):
+        def fn(input_context):
+            batch = input_context.get_per_replica_batch_size(config.batch_size)
+            ds, ds_info = data.make_dataset(
+                config.dataset, split, training, batch, pre, data_dir=config.data_dir,
+                seed=config.seed, cache=config.cache, shuffle_buffer=config.shuffle_buffer,
+                repeat=training, ten_crop=ten_crop,
+                num_classes=num_classes, one_based_labels=config.one_based_labels,
+                input_context=input_context)
+            fn.info = ds_info
+            return ds
+        return fn
+
+    def distribute(fn):
+        # A plain dataset of global batches: Keras splits it across the replicas and, with
+        # several workers, shards it (tf.data auto-sharding: by file where it can, else by record).
+        # Keras 3's fit() cannot take the PerReplica batches of distribute_datasets_from_function.
+        return fn(tf.distribute.InputContext())
+
+    train_fn = dataset_fn("train", True)
+    train_ds = distribute(train_fn)
+    val_ds = distribute(dataset_fn("validation", False))
+    train_info = train_fn.info
+
+    steps_per_epoch = config.steps_per_epoch
+    if steps_per_epoch is None:
+        if train_info.num_examples is None:
+            raise TrainingError(f"{config.dataset}: size unknown; pass --steps_per_epoch")
+        steps_per_epoch = train_info.num_examples // config.batch_size
+    if steps_per_epoch < 1:
+        raise TrainingError(f"batch_size {config.batch_size} is larger than the training split")
+
+    with strategy.scope():
+        model = build_model(config, num_classes, pre.image_size, pre.channels)
+        _add_weight_decay(model, config.weight_decay)
+        model.compile(
+            optimizer=_optimizer(config, steps_per_epoch),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[
+                keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+            ],
+            jit_compile=config.jit_compile,
+        )
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        _work_around_keras_multi_worker(model, strategy, next(iter(train_ds)))
+    if chief:
+        logging.info("Model %s: %s parameters, %d classes, input %s, %d replica(s)",
+                     model.name, f"{model.count_params():,}", num_classes,
+                     (pre.image_size, pre.image_size, pre.channels), replicas)
+        _write_image_grid(task_dir, train_fn(tf.distribute.InputContext()), pre)
+
+    stop_on_nan = StopOnNaN(steps_per_epoch)
+    backup = keras.callbacks.BackupAndRestore(
+        # Each worker keeps its own (Keras 3 does not coordinate workers writing one file).
+        os.path.join(task_dir, "backup"), save_freq=config.checkpoint_every_steps or "epoch",
+        delete_checkpoint=False)
+    callbacks = [
+        stop_on_nan,
+        backup,
+        EpochReport(config.batch_size, steps_per_epoch, config.epochs, train_info.skipped,
+                    verbose=chief),
+        keras.callbacks.ModelCheckpoint(os.path.join(task_dir, "checkpoints", "last.keras")),
+        keras.callbacks.ModelCheckpoint(os.path.join(task_dir, "checkpoints", "best.keras"),
+                                        monitor="val_top1", mode="max", save_best_only=True),
+        keras.callbacks.CSVLogger(os.path.join(task_dir, "history.csv"), append=True),
+        keras.callbacks.TensorBoard(os.path.join(task_dir, "tensorboard")),
+    ]
+    if config.schedule == "plateau":
+        callbacks.insert(2, DivideOnPlateau(config.lr_decay, config.plateau_patience,
+                                            config.max_lr_drops,
+                                            state_path=os.path.join(task_dir, "plateau.json")))
+    start = time.perf_counter()
+    model.fit(
+        train_ds,
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=val_ds,
+        validation_steps=config.eval_steps,
+        callbacks=callbacks,
+        shuffle=False,  # the tf.data pipeline shuffles
+        # A progress bar on a terminal; in logs EpochReport's one line per epoch is enough.
+        verbose=1 if os.isatty(1) else 0,
+    )
+    if stop_on_nan.bad_step is not None:
+        epoch, batch, step = stop_on_nan.bad_step
+        raise TrainingError(
+            f"loss became NaN/inf at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
+            "lower --learning_rate or check the data")
+    train_seconds = time.perf_counter() - start
+
+    results = model.evaluate(val_ds, steps=config.eval_steps, return_dict=True, verbose=0)
+    results = {k: float(v) for k, v in results.items()}
+    results["top1_error"], results["top5_error"] = 1 - results["top1"], 1 - results["top5"]
+    if config.ten_crop_eval:
+        results.update(evaluate_ten_crop(
+            model, dataset_fn("validation", False, ten_crop=True)(tf.distribute.InputContext()),
+            config.eval_steps))
+    results["train_seconds"] = train_seconds
+    if chief:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    summary = (f"final: top-1 accuracy {results['top1']:.4f} (error {results['top1_error']:.4f}), "
+               f"top-5 accuracy {results['top5']:.4f} (error {results['top5_error']:.4f})")
+    if "ten_crop_top1" in results:
+        summary += (f", 10-crop top-1 {results['ten_crop_top1']:.4f} "
+                    f"top-5 {results['ten_crop_top5']:.4f}")
+    if chief:
+        print(f"{summary}; trained {train_seconds / 60:.1f} min; checkpoints in "
+              f"{os.path.join(workdir, 'checkpoints')}", flush=True)
+    return results
+
+
+def evaluate_ten_crop(model, dataset, steps=None):
+    """Paper §4.1 test-time averaging: mean softmax over the 10 crops of each image."""
+    top1 = keras.metrics.SparseCategoricalAccuracy()
+    top5 = keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, model.output_shape[-1]))
+    for i, (crops, labels) in enumerate(dataset):
+        if steps is not None and i >= steps:
+            break
+        shape = tf.shape(crops)
+        logits = model(tf.reshape(crops, tf.concat([[-1], shape[2:]], 0)), training=False)
+        probs = tf.reduce_mean(tf.reshape(tf.nn.softmax(logits), [shape[0], 10, -1]), axis=1)
+        top1.update_state(labels, probs)
+        top5.update_state(labels, probs)
+    return {"ten_crop_top1": float(top1.result()), "ten_crop_top5": float(top5.result())}

@@ -1,0 +1,176 @@
+"""The exported SavedModel: signatures, parity with Keras + eval preprocessing, requests, atomicity."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import alexnet_tf
+from alexnet_tf import preprocessing, serving
+from tests.helpers import encode, smooth_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = preprocessing.PreprocessConfig(image_size=32, resize_size=36)
+CLASSES = ["cat", "dog", "emu"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    net = alexnet_tf.AlexNet(3, "cifar", (32, 32, 3), init="keras")
+    # Give it non-trivial weights: a few SGD steps on random data.
+    net.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).normal(0, 50, (16, 32, 32, 3)).astype(np.float32)
+    net.fit(x, np.arange(16) % 3, epochs=2, verbose=0)
+    return net
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("export") / "alexnet")
+    path = serving.export_saved_model(model, base, CLASSES, CONFIG)
+    return path, tf.saved_model.load(path)
+
+
+def jpegs(n=3):
+    return [encode(smooth_image(40 + 7 * i, 50 + 3 * i, seed=i), "jpeg") for i in range(n)]
+
+
+def keras_reference(model, encoded_images, view=preprocessing.eval_image):
+    """Keras model on the evaluation preprocessing, decoded independently with decode_jpeg."""
+    images = [tf.cast(tf.io.decode_jpeg(b, channels=3), tf.float32) for b in encoded_images]
+    batch = tf.stack([view(image, CONFIG) for image in images])
+    return tf.nn.softmax(model(batch, training=False)).numpy()
+
+
+def test_first_version_is_1_and_next_is_2(exported, model):
+    path, _ = exported
+    assert os.path.basename(path) == "1"
+    assert serving.next_version(os.path.dirname(path)) == 2
+
+
+def test_serving_default_matches_keras_on_real_jpeg_bytes(exported, model):
+    _, loaded = exported
+    data = jpegs()
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant(data))
+    expected = keras_reference(model, data)
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, rtol=1e-4, atol=1e-6)
+    top = np.argsort(-expected, axis=1)
+    np.testing.assert_array_equal(out["class_ids"].numpy(), top)
+    assert out["classes"].numpy()[0].tolist() == [CLASSES[i].encode() for i in top[0]]
+    np.testing.assert_allclose(out["scores"].numpy(), np.take_along_axis(expected, top, 1), rtol=1e-4)
+
+
+def test_predict_images_matches_serving_default(exported):
+    _, loaded = exported
+    data = jpegs(2)
+    images = tf.stack([tf.cast(tf.io.decode_jpeg(b), tf.float32) for b in [data[0], data[0]]])
+    a = loaded.signatures["predict_images"](images=images)["probabilities"]
+    b = loaded.signatures["serving_default"](image_bytes=tf.constant([data[0]]))["probabilities"]
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
+
+
+def test_non_image_bytes_raise_invalid_argument(exported):
+    _, loaded = exported
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        loaded.signatures["serving_default"](image_bytes=tf.constant([b"not an image"]))
+
+
+def test_wrong_dtype_or_rank_is_rejected_by_the_signature(exported):
+    _, loaded = exported
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        loaded.signatures["predict_images"](images=tf.zeros([1, 8, 8, 3], tf.int32))
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        loaded.signatures["predict_images"](images=tf.zeros([8, 8, 3]))
+
+
+def test_saved_model_cli_lists_both_signatures(exported):
+    path, _ = exported
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run([cli, "show", "--all", "--dir", path], capture_output=True, text=True,
+                           check=True).stdout
+    serving_part = shown.split("signature_def['serving_default']")[1]
+    assert "inputs['image_bytes']" in serving_part and "DT_STRING" in serving_part
+    images_part = shown.split("signature_def['predict_images']")[1].split("signature_def[")[0]
+    assert "inputs['images']" in images_part and "DT_FLOAT" in images_part
+    assert "(-1, -1, -1, 3)" in images_part
+    for output in ("probabilities", "classes", "class_ids", "scores"):
+        assert f"outputs['{output}']" in serving_part
+
+
+def test_predict_request_proto_matches_the_signature(exported, model):
+    predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
+    path, loaded = exported
+    data = jpegs(2)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "alexnet"
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(data, dtype=tf.string))
+    # Round trip through the wire format, as TF Serving receives it.
+    received = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+    signature = loaded.signatures[received.model_spec.signature_name]
+    assert set(received.inputs) == set(signature.structured_input_signature[1])
+    inputs = {k: tf.make_ndarray(v) for k, v in received.inputs.items()}
+    out = signature(**{k: tf.constant(v) for k, v in inputs.items()})
+    np.testing.assert_allclose(out["probabilities"].numpy(), keras_reference(model, data), rtol=1e-4, atol=1e-6)
+
+
+def test_ten_crop_export_averages_the_ten_views(model, tmp_path):
+    path = serving.export_saved_model(model, str(tmp_path / "m"), CLASSES, CONFIG, ten_crop=True)
+    loaded = tf.saved_model.load(path)
+    data = jpegs(2)
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant(data))["probabilities"]
+    images = [tf.cast(tf.io.decode_jpeg(b), tf.float32) for b in data]
+    expected = [tf.reduce_mean(tf.nn.softmax(model(preprocessing.ten_crop(x, CONFIG))), 0) for x in images]
+    np.testing.assert_allclose(out.numpy(), np.stack(expected), rtol=1e-4, atol=1e-6)
+
+
+def test_existing_version_is_not_overwritten(model, tmp_path):
+    base = str(tmp_path / "m")
+    serving.export_saved_model(model, base, CLASSES, CONFIG, version=3)
+    with pytest.raises(serving.ExportError, match="already exists"):
+        serving.export_saved_model(model, base, CLASSES, CONFIG, version=3)
+    serving.export_saved_model(model, base, CLASSES, CONFIG, version=3, overwrite=True)
+    assert serving.next_version(base) == 4
+
+
+def test_interrupted_export_leaves_no_visible_version(model, tmp_path, monkeypatch):
+    base = tmp_path / "m"
+    written = []
+
+    def die_before_rename(src, dst):
+        written.append(os.listdir(src))  # the SavedModel was complete in the hidden directory
+        raise KeyboardInterrupt("killed mid-export")
+
+    monkeypatch.setattr(os, "rename", die_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        serving.export_saved_model(model, str(base), CLASSES, CONFIG)
+    assert "saved_model.pb" in written[0]
+    assert os.listdir(base) == []  # no version, and the partial directory is gone
+
+
+def test_export_cli_on_a_trained_run(tmp_path):
+    from tests.test_training import tiny_run
+
+    workdir = tiny_run(tmp_path)
+    base = tmp_path / "exports" / "alexnet"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, "export.py"), f"--workdir={workdir}", f"--export_dir={base}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(base) == ["1"]
+    again = subprocess.run(cmd + ["--version=1"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert again.returncode != 0
+    assert again.stderr.strip().splitlines()[-1].startswith("export.py: error:")
+    assert "Traceback" not in again.stderr
+    loaded = tf.saved_model.load(str(base / "1"))
+    png = tf.io.encode_png(smooth_image(28, 28, channels=1)).numpy()
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant([png]))
+    assert out["probabilities"].shape == (1, 10)
+    assert out["classes"].numpy()[0, 0].decode() in [str(i) for i in range(10)] + [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+        "Bag", "Ankle boot"]

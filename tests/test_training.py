@@ -1,0 +1,223 @@
+"""train.py / training.train_and_evaluate: end-to-end runs per strategy, flags, resume, schedule."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from alexnet_tf import training
+from tests.helpers import write_idx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_idx(tmp_path, n=256):
+    """Tiny Fashion-MNIST-format IDX files with a learnable pattern (class = bright stripe row)."""
+    directory = tmp_path / "idx"
+    if not directory.exists():
+        rng = np.random.default_rng(0)
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, label in enumerate(labels):
+            images[i, 2 + 2 * label : 4 + 2 * label] = 250
+        write_idx(directory, "train", images, labels)
+        write_idx(directory, "t10k", images[:64], labels[:64])
+    return f"fashion_mnist:{directory}"
+
+
+def tiny_config(tmp_path, **overrides):
+    fields = dict(dataset=tiny_idx(tmp_path), variant="cifar", lrn="tf_cifar10", init="keras",
+                  batch_size=32, epochs=1, steps_per_epoch=2, eval_steps=1,
+                  learning_rate=0.01, schedule="constant", seed=1)
+    fields.update(overrides)
+    return training.TrainConfig(**fields)
+
+
+def tiny_run(tmp_path):
+    """A finished one-epoch run; returns its workdir (shared with the serving tests)."""
+    workdir = str(tmp_path / "run")
+    training.train_and_evaluate(tiny_config(tmp_path), workdir)
+    return workdir
+
+
+def run_train(args, cwd, env=None, **kwargs):
+    env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, env=env, **kwargs)
+
+
+def history(workdir):
+    with open(os.path.join(workdir, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_one_device_end_to_end(tmp_path):
+    workdir = str(tmp_path / "run")
+    results = training.train_and_evaluate(tiny_config(tmp_path, epochs=2), workdir)
+    for key in ("loss", "top1", "top5", "top1_error", "top5_error"):
+        assert key in results
+    assert results["top1_error"] == pytest.approx(1 - results["top1"])
+    rows = history(workdir)
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert {"val_top1", "val_top5", "learning_rate", "images_per_sec"} <= set(rows[0])
+    for name in ("config.json", "dataset.json", "preprocessing.json", "results.json",
+                 "checkpoints/best.keras", "checkpoints/last.keras"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert os.listdir(os.path.join(workdir, "tensorboard", "train"))
+    model = keras.models.load_model(os.path.join(workdir, "checkpoints", "last.keras"))
+    assert int(model.optimizer.iterations) == 4
+
+
+def test_ten_crop_eval_reports_ten_crop_metrics(tmp_path):
+    results = training.train_and_evaluate(
+        tiny_config(tmp_path, ten_crop_eval=True), str(tmp_path / "run"))
+    assert 0 <= results["ten_crop_top1"] <= 1 and 0 <= results["ten_crop_top5"] <= 1
+
+
+def test_nan_loss_stops_with_the_step(tmp_path):
+    config = tiny_config(tmp_path, learning_rate=1e12, epochs=3, steps_per_epoch=5, init="keras")
+    with pytest.raises(training.TrainingError, match=r"loss became NaN/inf at step \d+ \(epoch"):
+        training.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_mirrored_over_two_logical_cpus(tmp_path):
+    result = run_train([f"--dataset={tiny_idx(tmp_path)}", "--variant=cifar", "--init=keras",
+                        "--strategy=mirrored", "--cpu_replicas=2", "--batch_size=32",
+                        "--epochs=1", "--steps_per_epoch=2", "--eval_steps=1",
+                        f"--workdir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 replica(s)" in result.stderr
+    assert os.path.exists(tmp_path / "run" / "results.json")
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_two_local_processes(tmp_path):
+    dataset = tiny_idx(tmp_path)
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        env = dict(os.environ, PYTHONPATH=ROOT, TF_CONFIG=tf_config)
+        args = [sys.executable, os.path.join(ROOT, "train.py"), f"--dataset={dataset}",
+                "--variant=cifar", "--init=keras", "--strategy=multi_worker", "--batch_size=32",
+                "--epochs=1", "--steps_per_epoch=2", "--eval_steps=1",
+                f"--workdir={tmp_path / 'run'}"]
+        procs.append(subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert "2 replica(s)" in outputs[0]
+    assert os.path.exists(tmp_path / "run" / "results.json")
+    assert os.path.exists(tmp_path / "run" / "checkpoints" / "last.keras")
+
+
+def test_resume_after_sigkill_continues_at_the_next_epoch(tmp_path):
+    workdir = tmp_path / "run"
+    args = [f"--dataset={tiny_idx(tmp_path, n=1024)}", "--variant=cifar", "--init=keras",
+            "--batch_size=32", "--epochs=3", "--steps_per_epoch=30", "--eval_steps=1",
+            "--schedule=constant", f"--workdir={workdir}"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(workdir / "history.csv") and len(history(workdir)) >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    completed = len(history(workdir))
+    assert 1 <= completed < 3, "the run should be killed after its first epoch and before the end"
+
+    result = run_train(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = [int(r["epoch"]) for r in history(workdir)]
+    assert epochs == [0, 1, 2]  # nothing repeated, nothing lost
+    model = keras.models.load_model(workdir / "checkpoints" / "last.keras")
+    assert int(model.optimizer.iterations) == 3 * 30  # optimizer state came back too
+
+
+class _FakeModel:
+    def __init__(self, lr):
+        self.optimizer = keras.optimizers.SGD(lr)
+
+
+def test_plateau_schedule_divides_by_ten_at_most_three_times(tmp_path):
+    callback = training.DivideOnPlateau(factor=0.1, patience=2, max_drops=3,
+                                        state_path=str(tmp_path / "plateau.json"))
+    model = _FakeModel(0.01)
+    callback.set_model(model)
+    lrs = []
+    for epoch, val_top1 in enumerate([0.1, 0.2] + [0.2] * 20):
+        callback.on_epoch_end(epoch, {"val_top1": val_top1})
+        lrs.append(float(model.optimizer.learning_rate))
+    assert lrs[:3] == pytest.approx([0.01] * 3)
+    assert lrs[3] == pytest.approx(1e-3)  # two epochs without improvement
+    assert lrs[-1] == pytest.approx(1e-5) and callback.drops == 3
+    # The counters survive a restart.
+    again = training.DivideOnPlateau(state_path=str(tmp_path / "plateau.json"))
+    assert again.drops == 3 and again.best == 0.2
+
+
+def test_flagfile_include_and_command_line_override(tmp_path):
+    import train
+
+    base = tmp_path / "base.cfg"
+    base.write_text("--variant=cifar\n--epochs=7\n--batch_size=64\n")
+    recipe = tmp_path / "recipe.cfg"
+    recipe.write_text(f"--flagfile={base}\n--epochs=5\n--learning_rate=0.2\n")
+    train.FLAGS.unparse_flags()
+    train.FLAGS(["train.py", f"--flagfile={recipe}", "--batch_size=16"])
+    config = train.config_from_flags()
+    assert (config.variant, config.epochs, config.batch_size, config.learning_rate) == (
+        "cifar", 5, 16, 0.2)
+    train.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize(
+    "name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".cfg")))
+def test_shipped_configs_parse_and_validate(name):
+    import train
+
+    train.FLAGS.unparse_flags()
+    train.FLAGS(["train.py", f"--flagfile={os.path.join(ROOT, 'configs', name)}"])
+    train.config_from_flags().validate()
+    train.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variant=vgg"], "unknown variant 'vgg'"),
+    (["--dataset=imagenet"], "unknown dataset 'imagenet'"),
+    (["--dataset=fashion_mnist:/no/such/dir"], "/no/such/dir/train-images-idx3-ubyte.gz not found"),
+    (["--strategy=mirrored", "--cpu_replicas=2", "--batch_size=33"],
+     "batch_size 33 is not divisible by the 2 replicas"),
+    (["--variant=paper", "--image_size=32"], "image_size 32 is too small for variant 'paper'"),
+])
+def test_bad_flags_exit_with_one_line(tmp_path, args, message):
+    dataset = [f"--dataset={tiny_idx(tmp_path)}"] if not any("dataset" in a for a in args) else []
+    result = run_train([*dataset, "--variant=cifar", *args, f"--workdir={tmp_path / 'run'}"]
+                       if not any("variant" in a for a in args) else
+                       [*dataset, *args, f"--workdir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error:") and message in last, result.stderr[-2000:]
