@@ -306,25 +306,35 @@ def _preprocess_config(config, info, workdir):
     return pre
 
 
-def _work_around_keras_multi_worker(model, strategy, sample_batch):
-    """Makes Keras 3 `fit` run under MultiWorkerMirroredStrategy (tensorflow#72388).
+def _build_before_fit(model, strategy, num_classes):
+    """Builds metrics and optimizer state from a dummy batch, so fit() never has to.
 
-    Keras 3.15 averages a distributed sample batch across workers to build the metrics, and
-    reduces each step's scalar metrics with `strategy.reduce("MEAN", v, axis=0)`; both fail with
-    several workers. Build from a local batch instead, and reduce scalars with axis=None.
+    Keras 3.15's fit() and evaluate() otherwise pull one batch from a fresh iterator to build,
+    and leave that iterator half-read: a cached dataset then blocks the next iterator until
+    garbage collection frees the first (validation stalled for minutes between epochs). Under
+    MultiWorkerMirroredStrategy the same step also fails outright (tensorflow#72388).
     """
+    shape = model.input_shape[1:]
+    batch = (tf.zeros([strategy.num_replicas_in_sync, *shape]),
+             tf.zeros([strategy.num_replicas_in_sync], tf.int32) % num_classes)
+    with strategy.scope():
+        model._symbolic_build(data_batch=batch)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+
+
+def _work_around_keras_multi_worker_reduce():
+    """Keras 3.15 reduces each step's scalar metrics across workers with
+    `strategy.reduce("MEAN", v, axis=0)`, which fails for scalars (tensorflow#72388); reduce
+    them with axis=None instead."""
     from keras.src.backend.tensorflow import trainer as tf_trainer
 
-    with strategy.scope():
-        model._symbolic_build(data_batch=sample_batch)
-    model._maybe_symbolic_build = lambda *args, **kwargs: None
     original = getattr(tf_trainer.reduce_per_replica, "original", tf_trainer.reduce_per_replica)
 
-    def reduce_per_replica(values, strategy_, reduction):
+    def reduce_per_replica(values, strategy, reduction):
         if reduction in ("auto", "mean") and isinstance(
-                strategy_, tf.distribute.MultiWorkerMirroredStrategy):
-            return tf.nest.map_structure(lambda v: strategy_.reduce("MEAN", v, axis=None), values)
-        return original(values, strategy_, reduction)
+                strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
 
     reduce_per_replica.original = original
     tf_trainer.reduce_per_replica = reduce_per_replica
@@ -427,8 +437,9 @@ def train_and_evaluate(config, workdir):
             ],
             jit_compile=config.jit_compile,
         )
+    _build_before_fit(model, strategy, num_classes)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        _work_around_keras_multi_worker(model, strategy, next(iter(train_ds)))
+        _work_around_keras_multi_worker_reduce()
     if chief:
         logging.info("Model %s: %s parameters, %d classes, input %s, %d replica(s)",
                      model.name, f"{model.count_params():,}", num_classes,
