@@ -348,7 +348,8 @@ def make_dataset(
         preprocess: a `preprocessing.PreprocessConfig` (see `default_preprocess_config`).
         data_dir: TFDS data directory.
         seed: seeds shuffling and augmentation; with a seed the pipeline is deterministic.
-        deterministic: override of the element order guarantee (default: True iff seed given).
+        deterministic: override of the element order guarantee (default: True for evaluation,
+            so predictions line up with the records, and for seeded training).
         cache: cache decoded records in memory (small datasets).
         shuffle_buffer: records in the shuffle buffer.
         repeat: repeat forever (use with steps_per_epoch).
@@ -361,7 +362,7 @@ def make_dataset(
         (dataset of (images, labels), DatasetInfo).
     """
     if deterministic is None:
-        deterministic = seed is not None
+        deterministic = seed is not None or not training
     ds, info = load_source(source, split, data_dir, training, seed, input_context, num_classes,
                            one_based_labels, deterministic=deterministic)
     num_classes = num_classes or info.num_classes

@@ -393,29 +393,18 @@ def train_and_evaluate(config, workdir):
     with open(os.path.join(task_dir, "dataset.json"), "w") as f:
         json.dump({"source": config.dataset, "class_names": class_names}, f, indent=2)
 
-    def dataset_fn(split, training, ten_crop=False):
-        def fn(input_context):
-            batch = input_context.get_per_replica_batch_size(config.batch_size)
-            ds, ds_info = data.make_dataset(
-                config.dataset, split, training, batch, pre, data_dir=config.data_dir,
-                seed=config.seed, cache=config.cache, shuffle_buffer=config.shuffle_buffer,
-                repeat=training, ten_crop=ten_crop,
-                num_classes=num_classes, one_based_labels=config.one_based_labels,
-                input_context=input_context)
-            fn.info = ds_info
-            return ds
-        return fn
-
-    def distribute(fn):
+    def dataset(split, training, ten_crop=False):
         # A plain dataset of global batches: Keras splits it across the replicas and, with
-        # several workers, shards it (tf.data auto-sharding: by file where it can, else by record).
-        # Keras 3's fit() cannot take the PerReplica batches of distribute_datasets_from_function.
-        return fn(tf.distribute.InputContext())
+        # several workers, shards it (tf.data auto-sharding: by file where it can, else by
+        # record). Keras 3's fit() cannot take distribute_datasets_from_function's PerReplica.
+        return data.make_dataset(
+            config.dataset, split, training, config.batch_size, pre, data_dir=config.data_dir,
+            seed=config.seed, cache=config.cache, shuffle_buffer=config.shuffle_buffer,
+            repeat=training, ten_crop=ten_crop, num_classes=num_classes,
+            one_based_labels=config.one_based_labels)
 
-    train_fn = dataset_fn("train", True)
-    train_ds = distribute(train_fn)
-    val_ds = distribute(dataset_fn("validation", False))
-    train_info = train_fn.info
+    train_ds, train_info = dataset("train", True)
+    val_ds, _ = dataset("validation", False)
 
     steps_per_epoch = config.steps_per_epoch
     if steps_per_epoch is None:
@@ -444,7 +433,8 @@ def train_and_evaluate(config, workdir):
         logging.info("Model %s: %s parameters, %d classes, input %s, %d replica(s)",
                      model.name, f"{model.count_params():,}", num_classes,
                      (pre.image_size, pre.image_size, pre.channels), replicas)
-        _write_image_grid(task_dir, train_fn(tf.distribute.InputContext()), pre)
+        # A separate pipeline: a half-read iterator of train_ds would block its cache.
+        _write_image_grid(task_dir, dataset("train", True)[0], pre)
 
     stop_on_nan = StopOnNaN(steps_per_epoch)
     backup = keras.callbacks.BackupAndRestore(
@@ -490,8 +480,7 @@ def train_and_evaluate(config, workdir):
     results["top1_error"], results["top5_error"] = 1 - results["top1"], 1 - results["top5"]
     if config.ten_crop_eval:
         results.update(evaluate_ten_crop(
-            model, dataset_fn("validation", False, ten_crop=True)(tf.distribute.InputContext()),
-            config.eval_steps))
+            model, dataset("validation", False, ten_crop=True)[0], config.eval_steps))
     results["train_seconds"] = train_seconds
     if chief:
         with open(os.path.join(workdir, "results.json"), "w") as f:
