@@ -23,8 +23,9 @@ flags.DEFINE_integer("epochs", 3, "Passes over the files per measurement (first 
 flags.DEFINE_string("dir", None, "Where to write the files (default: a temporary directory).")
 FLAGS = flags.FLAGS
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field",
-          "retina", "immunohistochemistry")
+# Colour photographs bundled with scikit-image (no download).
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina",
+          "immunohistochemistry")
 
 
 def make_jpegs(root, count):
