@@ -410,11 +410,13 @@ def make_dataset(
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         batched = True
     elif training:
+        # Crop each image (fused with JPEG decoding); flip, lighting and normalisation later,
+        # on whole batches.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds)
         ds = ds.map(
             lambda example, s: (
-                preprocessing.train_image(fit_channels(example[0]), s, preprocess), *example[1:]),
+                preprocessing.random_crop(fit_channels(example[0]), s, preprocess), *example[1:]),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     else:
         def evaluate(image, label, origin):
@@ -432,6 +434,11 @@ def make_dataset(
     if not batched:
         ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE,
                       deterministic=deterministic)
+        if training:
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            ds = tf.data.Dataset.zip(ds, seeds).map(
+                lambda batch, s: (preprocessing.augment_batch(batch[0], s, preprocess), batch[1]),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic
     if input_context is not None and input_context.num_input_pipelines > 1:

@@ -232,8 +232,7 @@ def random_flip_batch(images, seed):
 
 def random_flip(image, seed):
     """The image or its left-right mirror, with probability 1/2 each."""
-    image = tf.convert_to_tensor(image)
-    return tf.image.stateless_random_flip_left_right(image, seed)
+    return random_flip_batch(tf.convert_to_tensor(image)[None], seed)[0]
 
 
 def pca_lighting(image, alpha, eigval, eigvec, pixel_scale=255.0):
@@ -258,6 +257,29 @@ def normalize(image, config):
     return (tf.cast(image, tf.float32) - mean) / std
 
 
+def random_crop(image, seed, config):
+    """The training crop of one image by `config.crop`: "paper", "inception" or "pad"."""
+    crop = {"paper": paper_crop, "inception": inception_crop, "pad": pad_crop}[config.crop]
+    image = crop(tf.convert_to_tensor(image), seed, config)
+    return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
+
+
+def augment_batch(images, seed, config):
+    """Flip, PCA lighting and normalisation of a batch of crops [B, H, W, C] in [0, 255].
+
+    Done on whole batches: per-image calls of these cheap ops cost more than the JPEG decode.
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+    images = tf.cast(images, tf.float32)
+    if config.flip:
+        images = random_flip_batch(images, seeds[0])
+    if config.eigval is not None:
+        alpha = tf.random.stateless_normal(
+            [tf.shape(images)[0], 3], seeds[1], stddev=config.pca_alpha_std)
+        images = pca_lighting(images, alpha, config.eigval, config.eigvec)
+    return normalize(images, config)
+
+
 def train_image(image, seed, config):
     """Full training augmentation of one image: crop, flip, PCA lighting, normalisation.
 
@@ -266,32 +288,17 @@ def train_image(image, seed, config):
         seed: int32/int64 [2] stateless seed; the same seed gives the same augmentation.
         config: a `PreprocessConfig`.
     """
-    image = tf.convert_to_tensor(image)
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
-    crop = {"paper": paper_crop, "inception": inception_crop, "pad": pad_crop}[config.crop]
-    image = crop(image, seeds[0], config)
-    if config.flip:
-        image = random_flip(image, seeds[1])
-    if config.eigval is not None:
-        alpha = tf.random.stateless_normal([3], seeds[2], stddev=config.pca_alpha_std)
-        image = pca_lighting(image, alpha, config.eigval, config.eigvec)
-    image = normalize(image, config)
-    return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+    image = random_crop(image, seeds[0], config)
+    return augment_batch(image[None], seeds[1], config)[0]
 
 
 def train_batch(images, seed, config):
     """`train_image` for a batch of same-size decoded images with crop="pad", vectorised."""
     if config.crop != "pad":
         raise ValueError("train_batch supports the 'pad' crop scheme only")
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
-    images = pad_crop_batch(images, seeds[0], config)
-    if config.flip:
-        images = random_flip_batch(images, seeds[1])
-    if config.eigval is not None:
-        alpha = tf.random.stateless_normal(
-            [tf.shape(images)[0], 3], seeds[2], stddev=config.pca_alpha_std)
-        images = pca_lighting(images, alpha, config.eigval, config.eigvec)
-    return normalize(images, config)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+    return augment_batch(pad_crop_batch(images, seeds[0], config), seeds[1], config)
 
 
 # --------------------------------------------------------------------------------------------
