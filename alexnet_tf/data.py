@@ -393,6 +393,10 @@ def make_dataset(
     channels = preprocess.channels
     batched = False
 
+    def augmentation_seeds():
+        # One stateless [2] seed per element; fresh draws every epoch, reproducible given `seed`.
+        return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
     def fit_channels(image):
         if image.dtype == tf.string:
             return image
@@ -404,7 +408,7 @@ def make_dataset(
         # Same-size in-memory images (MNIST, CIFAR): batch first, augment whole batches.
         ds = ds.map(lambda x, y, o: (fit_channels(x), y, o))
         ds = ds.batch(batch_size, drop_remainder=True)
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        seeds = augmentation_seeds()
         ds = tf.data.Dataset.zip(ds, seeds).map(
             lambda example, s: (preprocessing.train_batch(example[0], s, preprocess), *example[1:]),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
@@ -412,7 +416,7 @@ def make_dataset(
     elif training:
         # Crop each image (fused with JPEG decoding); flip, lighting and normalisation later,
         # on whole batches.
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        seeds = augmentation_seeds()
         ds = tf.data.Dataset.zip(ds, seeds)
         ds = ds.map(
             lambda example, s: (
@@ -435,7 +439,7 @@ def make_dataset(
         ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE,
                       deterministic=deterministic)
         if training:
-            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            seeds = augmentation_seeds()
             ds = tf.data.Dataset.zip(ds, seeds).map(
                 lambda batch, s: (preprocessing.augment_batch(batch[0], s, preprocess), batch[1]),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
