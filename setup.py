@@ -17,11 +17,18 @@ setup(
         "numpy",
         "absl-py",
         "tensorboard",  # TF >= 2.20 no longer installs it; train.py writes TensorBoard logs
+        "matplotlib",  # alexnet_tf.visualize curves
     ],
     extras_require={
         "gpu": ["tensorflow[and-cuda]>=2.16,<3"],
+        # Reading torchvision .pth weights (alexnet_tf.weights.load_torchvision).
+        "torch": ["torch>=2.0"],
         # tensorflow-serving-api: the tests build PredictRequest protos as a TF Serving client would.
-        "test": ["pytest", "tensorflow-serving-api"],
+        # torch: the weight-import tests compare against PyTorch reference networks; 2.13.0 is
+        # pinned because it is the CPU build this project's CI machines hold offline (an unpinned
+        # torch pulls a CUDA build of several GB). nbclient/ipykernel: the notebook test.
+        "test": ["pytest", "tensorflow-serving-api", "torch==2.13.0", "nbclient", "nbformat",
+                 "ipykernel"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

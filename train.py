@@ -51,6 +51,11 @@ _HELP = {
     "seed": "Seed for initialisation, shuffling and augmentation (deterministic pipeline).",
     "ten_crop_eval": "Final evaluation with 10-crop averaging (paper §4.1).",
     "checkpoint_every_steps": "Also back up every N steps (default: every epoch).",
+    "init_from": "Start from these weights: bvlc_alexnet.npy (Caffe), a torchvision .pth, or a "
+                 ".keras checkpoint; fc8 is new when the class count differs.",
+    "trainable": "all, or the comma-separated layers to train (e.g. fc6,fc7,fc8); others frozen.",
+    "trust_weights": "Allow unpickling a Caffe .npy file (a pickle can run code; only for files "
+                     "you trust).",
 }
 
 

@@ -36,7 +36,9 @@ class PreprocessConfig:
         resize_size: shorter side before cropping (paper §2: 256). Equal to image_size for small
             images, which are then only padded and cropped.
         channels: 3 (RGB) or 1 (grey).
-        mean, std: per-channel statistics in [0, 255]; the paper subtracts the mean only (std 1).
+        mean, std: per-channel statistics in [0, 255], in the model's channel order; the paper
+            subtracts the mean only (std 1).
+        bgr: feed the model BGR instead of RGB (BVLC Caffe weights were trained on BGR).
         crop: "paper" (random image_size window of the central resize_size square), "inception"
             (random area 8-100%, aspect 3/4-4/3) or "pad" (pad by `pad` pixels, random crop).
         pad: padding of the "pad" scheme.
@@ -56,6 +58,7 @@ class PreprocessConfig:
     eigval: tuple | None = IMAGENET_EIGVAL
     eigvec: tuple | None = IMAGENET_EIGVEC
     pca_alpha_std: float = PCA_ALPHA_STD
+    bgr: bool = False
 
     def __post_init__(self):
         if self.crop not in CROP_SCHEMES:
@@ -251,10 +254,19 @@ def pca_lighting(image, alpha, eigval, eigvec, pixel_scale=255.0):
 
 
 def normalize(image, config):
-    """Per-channel mean subtraction (paper §2) and optional std division."""
+    """Per-channel mean subtraction (paper §2), optional std division, RGB -> BGR if asked."""
+    image = tf.cast(image, tf.float32)
+    if config.bgr:
+        image = tf.reverse(image, axis=[-1])
     mean = tf.constant(config.mean, tf.float32)
     std = tf.constant(config.std, tf.float32)
-    return (tf.cast(image, tf.float32) - mean) / std
+    return (image - mean) / std
+
+
+def denormalize(images, config):
+    """Inverse of `normalize`: model inputs back to RGB in [0, 255] (for looking at them)."""
+    images = images * tf.constant(config.std, tf.float32) + tf.constant(config.mean, tf.float32)
+    return tf.reverse(images, axis=[-1]) if config.bgr else images
 
 
 def random_crop(image, seed, config):

@@ -9,13 +9,14 @@ import json
 import math
 import os
 import time
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from alexnet_tf import data, model as model_lib, preprocessing
+from alexnet_tf import data, model as model_lib, preprocessing, weights
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device", "tpu")
 SCHEDULES = ("plateau", "step", "cosine", "constant")
@@ -67,6 +68,9 @@ class TrainConfig:
     seed: int | None = None
     ten_crop_eval: bool = False  # final evaluation with the paper's 10-crop averaging
     checkpoint_every_steps: int | None = None  # extra mid-epoch backups for long epochs
+    init_from: str | None = None  # weights to start from: .npy (Caffe), .pth (torchvision), .keras
+    trainable: str = "all"  # "all" or the layers to train, e.g. "fc6,fc7,fc8" (the rest frozen)
+    trust_weights: bool = False  # allow unpickling a Caffe .npy (a pickle can run code)
 
     def validate(self):
         checks = [
@@ -82,6 +86,14 @@ class TrainConfig:
             (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
             (self.pad is None or self.pad >= 0, f"pad must be >= 0, got {self.pad}"),
             (self.cpu_replicas >= 1, f"cpu_replicas must be >= 1, got {self.cpu_replicas}"),
+            (not self.init_from or os.path.exists(self.init_from),
+             f"--init_from={self.init_from}: no such file"),
+            (not (self.init_from or "").endswith(".npy")
+             or (self.variant, self.lrn) == ("paper", "caffe"),
+             "Caffe .npy weights fit --variant=paper --lrn=caffe only"),
+            (not (self.init_from or "").endswith((".pth", ".pt"))
+             or self.variant == "one_weird_trick",
+             "torchvision .pth weights fit --variant=one_weird_trick only"),
         ]
         for ok, message in checks:
             if not ok:
@@ -270,14 +282,14 @@ def _add_weight_decay(model, weight_decay):
     regularizer = keras.regularizers.L2(weight_decay / 2)
     for layer in model.layers:
         kernel = getattr(layer, "kernel", None)
-        if kernel is not None:
+        if kernel is not None and layer.trainable:  # frozen layers: a constant, skip it
             kernel.regularizer = regularizer
 
 
 def _write_image_grid(workdir, dataset, config):
     """Logs a grid of augmented training images to TensorBoard (de-normalised for viewing)."""
     images, _ = next(iter(dataset.take(1)))
-    images = images[:16] * tf.constant(config.std) + tf.constant(config.mean)
+    images = preprocessing.denormalize(images[:16], config)
     with tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", "train")).as_default():
         tf.summary.image("augmented_training_images", tf.clip_by_value(images / 255.0, 0, 1),
                          step=0, max_outputs=16)
@@ -293,6 +305,11 @@ def _preprocess_config(config, info, workdir):
         pre.crop = config.crop
     elif config.pad is not None:
         pre.pad = config.pad
+    convention = weights.preprocess_config_for(config.init_from or "")
+    if convention is not None and pre.channels == 3:
+        logging.info("%s expects %s input with mean %s and std %s", config.init_from,
+                     "BGR" if convention.bgr else "RGB", convention.mean, convention.std)
+        pre.mean, pre.std, pre.bgr = convention.mean, convention.std, convention.bgr
     if config.pca == "none":
         pre.eigval = pre.eigvec = None
     elif config.pca == "dataset" and pre.channels == 3:
@@ -381,7 +398,9 @@ def train_and_evaluate(config, workdir):
                                one_based_labels=config.one_based_labels)
     num_classes = config.num_classes or info.num_classes
     pre = _preprocess_config(config, info, task_dir)
-    min_size = {"cifar": 8, "one_weird_trick": 63}.get(config.variant, 67)
+    # cifar: two 2x poolings; paper: conv1..pool5 need 67; one_weird_trick: Keras' adaptive
+    # pooling cannot upsample, so pool5 must be at least 6x6 (224 is the design size).
+    min_size = {"cifar": 8, "one_weird_trick": 223}.get(config.variant, 67)
     if pre.image_size < min_size:
         raise TrainingError(
             f"image_size {pre.image_size} is too small for variant {config.variant!r} "
@@ -416,6 +435,18 @@ def train_and_evaluate(config, workdir):
 
     with strategy.scope():
         model = build_model(config, num_classes, pre.image_size, pre.channels)
+        if config.init_from and not os.path.exists(os.path.join(task_dir, "backup")):
+            try:  # (a resumed run gets its weights from the backup instead)
+                weights.load_weights(model, config.init_from, trust=config.trust_weights,
+                                     new_head=True)
+            except weights.WeightsError as e:
+                raise TrainingError(str(e)) from None
+        try:
+            trainable = weights.set_trainable(model, config.trainable)
+        except weights.WeightsError as e:
+            raise TrainingError(str(e)) from None
+        if config.trainable != "all":
+            logging.info("Training %s; the other layers are frozen", ", ".join(trainable))
         _add_weight_decay(model, config.weight_decay)
         model.compile(
             optimizer=_optimizer(config, steps_per_epoch),
@@ -457,17 +488,22 @@ def train_and_evaluate(config, workdir):
                                             config.max_lr_drops,
                                             state_path=os.path.join(task_dir, "plateau.json")))
     start = time.perf_counter()
-    model.fit(
-        train_ds,
-        epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=val_ds,
-        validation_steps=config.eval_steps,
-        callbacks=callbacks,
-        shuffle=False,  # the tf.data pipeline shuffles
-        # A progress bar on a terminal; in logs EpochReport's one line per epoch is enough.
-        verbose=1 if os.isatty(1) else 0,
-    )
+    with warnings.catch_warnings():
+        # The validation pipeline's length is unknown (corrupt images are filtered out), so Keras
+        # learns it by running out of data and warns "Your input ran out of data" after the
+        # first evaluation: expected here, and the training pipeline repeats forever.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        model.fit(
+            train_ds,
+            epochs=config.epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=val_ds,
+            validation_steps=config.eval_steps,
+            callbacks=callbacks,
+            shuffle=False,  # the tf.data pipeline shuffles
+            # A progress bar on a terminal; in logs EpochReport's one line per epoch is enough.
+            verbose=1 if os.isatty(1) else 0,
+        )
     if stop_on_nan.bad_step is not None:
         epoch, batch, step = stop_on_nan.bad_step
         raise TrainingError(
@@ -475,7 +511,9 @@ def train_and_evaluate(config, workdir):
             "lower --learning_rate or check the data")
     train_seconds = time.perf_counter() - start
 
-    results = model.evaluate(val_ds, steps=config.eval_steps, return_dict=True, verbose=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")  # as in fit
+        results = model.evaluate(val_ds, steps=config.eval_steps, return_dict=True, verbose=0)
     results = {k: float(v) for k, v in results.items()}
     results["top1_error"], results["top5_error"] = 1 - results["top1"], 1 - results["top5"]
     if config.ten_crop_eval:
