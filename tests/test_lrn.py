@@ -23,17 +23,71 @@ def lrn_reference(a, n, k, alpha, beta):
     "preset, n, k, alpha",
     [("paper", 5, 2.0, 1e-4), ("caffe", 5, 1.0, 2e-5), ("tf_cifar10", 9, 1.0, 0.001 / 9)],
 )
-def test_matches_paper_formula_including_edge_channels(preset, n, k, alpha):
+@pytest.mark.parametrize("implementation, training", [("tf", False), ("tf", True),
+                                                     ("fused", True), ("fused", False)])
+def test_matches_paper_formula_including_edge_channels(preset, n, k, alpha, implementation,
+                                                         training):
     rng = np.random.default_rng(0)
     # Large activations so the normaliser differs clearly from k^-beta.
     a = rng.normal(0, 30, size=(2, 3, 4, 12)).astype(np.float32)
-    layer = LocalResponseNormalization.from_preset(preset)
+    layer = LocalResponseNormalization.from_preset(preset, implementation=implementation)
     expected = lrn_reference(a, n, k, alpha, 0.75)
-    got = layer(a).numpy()
+    got = layer(a, training=training).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     # First and last channels have truncated windows: check them on their own too.
     np.testing.assert_allclose(got[..., [0, -1]], expected[..., [0, -1]], rtol=1e-5)
     assert not np.allclose(expected, a / k**0.75, rtol=1e-3)
+
+
+def numeric_gradient(a, weights, n, k, alpha, beta, eps=1e-3):
+    """d sum(weights * lrn(a)) / da by central differences of the float64 numpy reference."""
+    a = a.astype(np.float64)
+    grad = np.zeros_like(a)
+    for index in np.ndindex(a.shape):
+        plus, minus = a.copy(), a.copy()
+        plus[index] += eps
+        minus[index] -= eps
+        grad[index] = np.sum(weights * (lrn_reference(plus, n, k, alpha, beta)
+                                        - lrn_reference(minus, n, k, alpha, beta))) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("implementation", ["fused", "tf"])
+@pytest.mark.parametrize("beta", [0.75, 0.6])
+def test_gradient_matches_finite_differences(implementation, beta):
+    rng = np.random.default_rng(1)
+    # Activations large enough that the cross-channel term of the gradient matters.
+    a = rng.normal(0, 40, size=(2, 2, 2, 7)).astype(np.float32)
+    weights = rng.normal(size=a.shape)
+    layer = LocalResponseNormalization(depth_radius=2, bias=2.0, alpha=1e-4, beta=beta,
+                                       implementation=implementation)
+    x = tf.constant(a)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(tf.constant(weights, tf.float32) * layer(x, training=True))
+    got = tape.gradient(loss, x).numpy()
+    expected = numeric_gradient(a, weights, 5, 2.0, 1e-4, beta)
+    assert np.abs(expected - weights / 2.0**beta).max() > 1e-2  # cross terms are not negligible
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_fused_training_path_matches_tensorflow_lrn_on_paper_shapes():
+    x = tf.random.normal([2, 27, 27, 256], stddev=30.0, seed=3)
+    upstream = tf.random.normal(x.shape, seed=4)
+    results = {}
+    for implementation in ("fused", "tf"):
+        layer = LocalResponseNormalization.from_preset("paper", implementation=implementation)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        results[implementation] = (y, tape.gradient(y, x, output_gradients=upstream))
+    np.testing.assert_allclose(results["fused"][0], results["tf"][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results["fused"][1], results["tf"][1], rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_implementation_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown LRN implementation"):
+        LocalResponseNormalization(implementation="cuda")
 
 
 def test_same_result_inside_tf_function():
