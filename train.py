@@ -46,7 +46,8 @@ _HELP = {
     "one_based_labels": "TFRecord labels start at 1.",
     "strategy": "auto | mirrored | multi_worker | one_device | tpu.",
     "cpu_replicas": "Split the CPU into this many logical devices (exercises mirrored on CPU).",
-    "mixed_precision": "none | float16 | bfloat16.",
+    "mixed_precision": "none | float16 | bfloat16 | auto (bfloat16 or float16 where the GPU or "
+                       "CPU computes it natively, else none).",
     "jit_compile": "Compile the train step with XLA.",
     "seed": "Seed for initialisation, shuffling and augmentation (deterministic pipeline).",
     "ten_crop_eval": "Final evaluation with 10-crop averaging (paper §4.1).",

@@ -63,7 +63,7 @@ class TrainConfig:
     one_based_labels: bool = False
     strategy: str = "auto"
     cpu_replicas: int = 1  # split the CPU into this many logical devices (tests the mirrored path)
-    mixed_precision: str = "none"  # none | float16 | bfloat16
+    mixed_precision: str = "none"  # none | float16 | bfloat16 | auto (see native_mixed_precision)
     jit_compile: bool = False
     seed: int | None = None
     ten_crop_eval: bool = False  # final evaluation with the paper's 10-crop averaging
@@ -79,7 +79,7 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}"),
             (self.pca in PCA_CHOICES, f"unknown pca {self.pca!r}; choose one of {PCA_CHOICES}"),
-            (self.mixed_precision in ("none", "float16", "bfloat16"), f"unknown mixed_precision {self.mixed_precision!r}"),
+            (self.mixed_precision in ("none", "float16", "bfloat16", "auto"), f"unknown mixed_precision {self.mixed_precision!r}; choose none, float16, bfloat16 or auto"),
             (self.crop in ("paper", "inception"), f"unknown crop {self.crop!r}; choose paper or inception"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
             (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
@@ -103,6 +103,26 @@ class TrainConfig:
     def to_json(self, path):
         with open(path, "w") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
+
+
+def native_mixed_precision(cpuinfo="/proc/cpuinfo"):
+    """The reduced precision this machine computes natively: "bfloat16", "float16" or "none".
+
+    GPUs: bfloat16 from compute capability 8.0 (Ampere), float16 on 7.x (Volta/Turing tensor
+    cores). CPUs: bfloat16 where oneDNN has bf16 instructions (AMX or AVX512_BF16, e.g. Intel
+    Sapphire Rapids, AMD Zen 4); elsewhere bf16 is emulated and slower than float32, so "none".
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capability = tf.config.experimental.get_device_details(gpus[0]).get(
+            "compute_capability", (0, 0))
+        return "bfloat16" if capability >= (8, 0) else "float16" if capability >= (7, 0) else "none"
+    try:
+        with open(cpuinfo) as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return "none"
+    return "bfloat16" if flags & {"amx_bf16", "avx512_bf16"} else "none"
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,8 +402,12 @@ def train_and_evaluate(config, workdir):
     config.validate()
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
-    if config.mixed_precision != "none":
-        keras.config.set_dtype_policy(f"mixed_{config.mixed_precision}")
+    mixed_precision = config.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = native_mixed_precision()
+        logging.info("--mixed_precision=auto: %s", mixed_precision)
+    if mixed_precision != "none":
+        keras.config.set_dtype_policy(f"mixed_{mixed_precision}")
     strategy = make_strategy(config)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
