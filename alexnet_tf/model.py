@@ -45,6 +45,7 @@ def AlexNet(
     include_top=True,
     name=None,
     grouped_conv_implementation="native",
+    lrn_implementation="auto",
 ):
     """Builds an AlexNet `keras.Model`.
 
@@ -70,6 +71,7 @@ def AlexNet(
         include_top: False returns the convolutional feature extractor (output of pool5).
         name: model name; defaults to "alexnet_<variant>".
         grouped_conv_implementation: "native" or "split"; see `GroupedConv2D`.
+        lrn_implementation: "auto", "fused" or "tf"; see `LocalResponseNormalization`.
 
     Returns:
         A `keras.Model` with layers named conv1..conv5, lrn1, lrn2, pool1, pool2, pool5, fc6, fc7,
@@ -120,7 +122,8 @@ def AlexNet(
     def norm(x, layer_name):
         if lrn is None:
             return x
-        return LocalResponseNormalization.from_preset(lrn, name=layer_name)(x)
+        return LocalResponseNormalization.from_preset(
+            lrn, implementation=lrn_implementation, name=layer_name)(x)
 
     def pool(x, layer_name, padding="valid"):
         # Overlapping pooling, paper §3.4: z=3, s=2.

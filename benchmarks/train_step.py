@@ -1,35 +1,57 @@
 """Training throughput of AlexNet through plain `compile`/`fit` on synthetic data.
 
-Measures images/s over timed steps after warm-up, so only the model (not the input pipeline)
-is measured. Example:
-    python benchmarks/train_step.py --variant=paper --batch_size=32 --grouped_conv=native
+For each variant x batch size x jit_compile setting, prints images/s, achieved GFLOP/s and the
+percentage of this machine's matrix-multiply peak (measured first, with TensorFlow's own fp32
+matmul), and, with --torch, the same network trained by PyTorch in the same run. Synthetic data,
+so only the model is measured.
+
+    python benchmarks/train_step.py --variants=paper --batch_sizes=32 --torch
+    python benchmarks/train_step.py --variants=paper,single_tower,one_weird_trick,cifar \\
+        --batch_sizes=32,128 --jit=both
+    python benchmarks/train_step.py --mixed_precision=bfloat16 --jit=true   # on a GPU
 """
 
+import os
+import sys
 import time
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-flags.DEFINE_string("variant", "paper", "AlexNet variant.")
-flags.DEFINE_integer("batch_size", 32, "Batch size.")
+from absl import app, flags  # noqa: E402
+
+import common  # noqa: E402
+
+flags.DEFINE_list("variants", ["paper"], "AlexNet variants.")
+flags.DEFINE_list("batch_sizes", ["32"], "Global batch sizes.")
+flags.DEFINE_enum("jit", "false", ["false", "true", "both"], "jit_compile setting(s).")
 flags.DEFINE_integer("warmup_steps", 5, "Untimed steps (tracing, oneDNN primitive creation).")
 flags.DEFINE_integer("steps", 20, "Timed steps.")
 flags.DEFINE_enum(
     "grouped_conv", "native", ["native", "split", "keras"],
     "Grouped convolution: GroupedConv2D 'native' or 'split', or Keras' own Conv2D(groups=2).",
 )
-flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+flags.DEFINE_string("lrn", "paper", "LRN preset, or 'none'.")
+flags.DEFINE_enum("lrn_implementation", "auto", ["auto", "fused", "tf"],
+                  "LocalResponseNormalization implementation (see alexnet_tf.lrn).")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "float16", "bfloat16"], "Keras dtype policy.")
+flags.DEFINE_bool("torch", False, "Also train the same network in PyTorch (CPU) in this run "
+                  "(under torch.autocast bfloat16 when --mixed_precision=bfloat16).")
+flags.DEFINE_integer("threads", 0, "Intra-op threads for PyTorch (0: one per core).")
+flags.DEFINE_bool("mirrored", False, "Train under MirroredStrategy over all visible GPUs.")
 FLAGS = flags.FLAGS
 
 
-def _build(variant, grouped_conv):
+def build(variant, grouped_conv, lrn, lrn_implementation):
     import keras
     import alexnet_tf
     from alexnet_tf.layers import GroupedConv2D
 
+    lrn = None if lrn == "none" else lrn
     if grouped_conv != "keras":
-        return alexnet_tf.AlexNet(variant=variant, grouped_conv_implementation=grouped_conv)
+        return alexnet_tf.AlexNet(variant=variant, lrn=lrn, grouped_conv_implementation=grouped_conv,
+                                  lrn_implementation=lrn_implementation)
     # Naive reference: the same model with every GroupedConv2D replaced by Keras' Conv2D(groups).
-    model = alexnet_tf.AlexNet(variant=variant)
+    model = alexnet_tf.AlexNet(variant=variant, lrn=lrn, lrn_implementation=lrn_implementation)
 
     def clone(layer):
         if isinstance(layer, GroupedConv2D):
@@ -41,32 +63,78 @@ def _build(variant, grouped_conv):
     return keras.models.clone_model(model, clone_function=clone)
 
 
-def main(argv):
-    del argv
+def train_rate(variant, batch_size, jit_compile, strategy):
+    """(images/s, ms/step, training FLOPs per image) of compile/fit on synthetic data."""
     import keras
     import tensorflow as tf
 
-    model = _build(FLAGS.variant, FLAGS.grouped_conv)
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=FLAGS.jit_compile,
-    )
-    shape = (FLAGS.batch_size, *model.input_shape[1:])
+    with strategy.scope():
+        model = build(variant, FLAGS.grouped_conv, FLAGS.lrn, FLAGS.lrn_implementation)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit_compile,
+        )
+    shape = (batch_size, *model.input_shape[1:])
     images = tf.random.uniform(shape, -1.0, 1.0)
-    labels = tf.random.uniform((FLAGS.batch_size,), 0, model.output_shape[-1], tf.int32)
-    data = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    labels = tf.random.uniform((batch_size,), 0, model.output_shape[-1], tf.int32)
+    data = tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(2)
 
     model.fit(data, steps_per_epoch=FLAGS.warmup_steps, epochs=1, verbose=0)
     start = time.perf_counter()
     model.fit(data, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0)
     elapsed = time.perf_counter() - start
-    rate = FLAGS.steps * FLAGS.batch_size / elapsed
-    print(
-        f"variant={FLAGS.variant} batch={FLAGS.batch_size} grouped_conv={FLAGS.grouped_conv} "
-        f"jit={FLAGS.jit_compile} threads={tf.config.threading.get_intra_op_parallelism_threads()}"
-        f" : {rate:.1f} img/s ({elapsed / FLAGS.steps * 1000:.0f} ms/step)"
-    )
+    return FLAGS.steps * batch_size / elapsed, elapsed / FLAGS.steps * 1000, common.training_flops(model)
+
+
+def main(argv):
+    del argv
+    import keras
+    import tensorflow as tf
+
+    if FLAGS.mixed_precision != "none":
+        keras.config.set_dtype_policy(f"mixed_{FLAGS.mixed_precision}")
+    gpus = tf.config.list_physical_devices("GPU")
+    strategy = (tf.distribute.MirroredStrategy() if FLAGS.mirrored
+                else tf.distribute.get_strategy())
+    threads = FLAGS.threads or os.cpu_count()
+    device = f"{len(gpus)} GPU(s)" if gpus else f"CPU, {os.cpu_count()} cores"
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {device}; "
+          f"policy {keras.config.dtype_policy().name}; grouped_conv={FLAGS.grouped_conv} "
+          f"lrn={FLAGS.lrn} ({FLAGS.lrn_implementation})", flush=True)
+    peak = None
+    if not gpus:
+        # The peak of the dtype the convolutions and matmuls compute in.
+        dtype = {"none": "float32", "float16": "float16", "bfloat16": "bfloat16"}[
+            FLAGS.mixed_precision]
+        peak = common.matmul_peak_gflops(dtype=dtype)
+        print(f"matmul peak (tf.matmul 4096x4096 {dtype}): {peak:.0f} GFLOP/s", flush=True)
+
+    jits = {"false": [False], "true": [True], "both": [False, True]}[FLAGS.jit]
+    print("| variant | batch | jit | img/s | ms/step | GFLOP/s | % of matmul peak |"
+          + (" PyTorch img/s | ratio |" if FLAGS.torch else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if FLAGS.torch else ""), flush=True)
+    torch_rates = {}
+    for variant in FLAGS.variants:
+        for batch_size in (int(b) for b in FLAGS.batch_sizes):
+            for jit in jits:
+                rate, ms, flops = train_rate(variant, batch_size, jit, strategy)
+                gflops = rate * flops / 1e9
+                row = (f"| {variant} | {batch_size} | {jit} | {rate:.1f} | {ms:.0f} | "
+                       f"{gflops:.0f} | {100 * gflops / peak:.0f}% |" if peak else
+                       f"| {variant} | {batch_size} | {jit} | {rate:.1f} | {ms:.0f} | "
+                       f"{gflops:.0f} | - |")
+                if FLAGS.torch and variant != "cifar":
+                    from alexnet_tf.model import DEFAULT_IMAGE_SIZE
+
+                    if (variant, batch_size) not in torch_rates:
+                        torch_rates[variant, batch_size] = common.torch_train_rate(
+                            variant, batch_size, DEFAULT_IMAGE_SIZE[variant], FLAGS.steps,
+                            FLAGS.warmup_steps, threads,
+                            bfloat16=FLAGS.mixed_precision == "bfloat16")
+                    torch_rate = torch_rates[variant, batch_size]
+                    row += f" {torch_rate:.1f} | {rate / torch_rate:.2f}x |"
+                print(row, flush=True)
 
 
 if __name__ == "__main__":

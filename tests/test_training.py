@@ -11,6 +11,7 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 import pytest
 
 from alexnet_tf import training
@@ -221,3 +222,14 @@ def test_bad_flags_exit_with_one_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: error:") and message in last, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="CPU detection only")
+def test_auto_mixed_precision_follows_the_cpu_flags(tmp_path):
+    with_amx = tmp_path / "amx"
+    with_amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
+    older = tmp_path / "avx2"
+    older.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert training.native_mixed_precision(str(with_amx)) == "bfloat16"
+    assert training.native_mixed_precision(str(older)) == "none"
+    assert training.native_mixed_precision(str(tmp_path / "missing")) == "none"

@@ -1,0 +1,146 @@
+"""Shared pieces of the benchmarks: FLOP counts, this machine's matmul peak, PyTorch references.
+
+PyTorch is a reference only (`pip install torch==2.13.0`), never a dependency of alexnet_tf.
+"""
+
+import time
+
+import numpy as np
+
+
+def forward_flops(model):
+    """Multiply-adds x 2 of one image's forward pass through the conv and dense layers."""
+    total = 0
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind in ("Conv2D", "GroupedConv2D"):
+            _, h, w, c_out = layer.output.shape
+            kh, kw, c_in_per_group, _ = layer.kernel.shape
+            total += 2 * h * w * kh * kw * c_in_per_group * c_out
+        elif kind == "Dense":
+            total += 2 * int(np.prod(layer.kernel.shape))
+    return total
+
+
+def training_flops(model):
+    """FLOPs of one trained image: forward + gradients w.r.t. inputs and weights (each ~ the
+    forward), except conv1's input gradient, which nobody computes."""
+    first_conv = next(l for l in model.layers if type(l).__name__ in ("Conv2D", "GroupedConv2D"))
+    _, h, w, c_out = first_conv.output.shape
+    kh, kw, c_in, _ = first_conv.kernel.shape
+    return 3 * forward_flops(model) - 2 * h * w * kh * kw * c_in * c_out
+
+
+def matmul_peak_gflops(n=4096, repeats=10, dtype="float32"):
+    """This machine's fp32 matrix-multiply rate as TensorFlow achieves it (best of `repeats`)."""
+    import tensorflow as tf
+
+    a = tf.random.uniform((n, n), dtype=dtype)
+    b = tf.random.uniform((n, n), dtype=dtype)
+
+    @tf.function
+    def step(a, b):
+        return tf.reduce_sum(tf.matmul(a, b))
+
+    step(a, b).numpy()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(a, b).numpy()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def torch_alexnet(variant, num_classes=1000):
+    """The same network in PyTorch (NCHW): paper / single_tower (LRN as in the paper, k=2) or
+    one_weird_trick (torchvision's layout)."""
+    import torch
+    from torch import nn
+
+    if variant == "one_weird_trick":
+        features = [
+            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.AdaptiveAvgPool2d((6, 6)),
+        ]
+    elif variant in ("paper", "single_tower"):
+        g = 2 if variant == "paper" else 1
+        lrn = dict(size=5, alpha=5e-4, beta=0.75, k=2.0)  # torch divides alpha by size: 1e-4 each
+        features = [
+            nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(), nn.LocalResponseNorm(**lrn),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(96, 256, 5, padding=2, groups=g), nn.ReLU(), nn.LocalResponseNorm(**lrn),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(384, 384, 3, padding=1, groups=g), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1, groups=g), nn.ReLU(), nn.MaxPool2d(3, 2),
+        ]
+    else:
+        raise ValueError(f"no PyTorch reference for variant {variant!r}")
+    return nn.Sequential(
+        *features, nn.Flatten(),
+        nn.Dropout(0.5), nn.Linear(9216, 4096), nn.ReLU(),
+        nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(),
+        nn.Linear(4096, num_classes),
+    )
+
+
+def torch_threads(threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def torch_train_rate(variant, batch_size, image_size, steps, warmup_steps, threads,
+                     bfloat16=False):
+    """Images/s of PyTorch SGD-momentum training of the same network on synthetic data
+    (with `bfloat16`, under `torch.autocast("cpu", torch.bfloat16)`, PyTorch's mixed precision)."""
+    import contextlib
+
+    import torch
+
+    torch_threads(threads)
+    torch.manual_seed(0)
+    model = torch_alexnet(variant).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    images = torch.rand(batch_size, 3, image_size, image_size) * 2 - 1
+    labels = torch.randint(0, 1000, (batch_size,))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if bfloat16
+                    else contextlib.nullcontext())
+        with autocast:
+            loss = loss_fn(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    for _ in range(warmup_steps):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def torch_inference_latencies(variant, batch_size, image_size, steps, warmup_steps, threads):
+    """Per-batch latencies (s) of PyTorch inference (eval mode, no_grad) on synthetic data."""
+    import torch
+
+    torch_threads(threads)
+    model = torch_alexnet(variant).eval()
+    images = torch.rand(batch_size, 3, image_size, image_size) * 2 - 1
+    latencies = []
+    with torch.inference_mode():
+        for i in range(warmup_steps + steps):
+            start = time.perf_counter()
+            model(images)
+            if i >= warmup_steps:
+                latencies.append(time.perf_counter() - start)
+    return latencies
