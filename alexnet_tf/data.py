@@ -425,10 +425,12 @@ def make_dataset(
     else:
         def evaluate(image, label, origin):
             image = fit_channels(image)
-            if image.dtype == tf.string:
-                image = preprocessing.decode(image, channels)
-            view = preprocessing.ten_crop if ten_crop else preprocessing.eval_image
-            return view(image, preprocess), label, origin
+            if ten_crop:
+                if image.dtype == tf.string:
+                    image = preprocessing.decode(image, channels)
+                return preprocessing.ten_crop(image, preprocess), label, origin
+            # Encoded bytes go in as they are: JPEG decoding is fused with the centre crop.
+            return preprocessing.eval_image(image, preprocess), label, origin
 
         ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     # Backstop for corrupt data that passes the header/trailer check (e.g. garbage mid-file).
@@ -439,9 +441,15 @@ def make_dataset(
         ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE,
                       deterministic=deterministic)
         if training:
+            # XLA fuses flip, lighting and normalisation into one pass over the batch: tf.data
+            # runs each op of a map single-threaded, and op by op this stage halved the
+            # pipeline's throughput (benchmarks/input_pipeline.py).
+            augment = tf.function(
+                lambda images, s: preprocessing.augment_batch(images, s, preprocess),
+                jit_compile=True)
             seeds = augmentation_seeds()
             ds = tf.data.Dataset.zip(ds, seeds).map(
-                lambda batch, s: (preprocessing.augment_batch(batch[0], s, preprocess), batch[1]),
+                lambda batch, s: (augment(batch[0], s), batch[1]),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic

@@ -20,6 +20,8 @@ from absl import app, flags
 flags.DEFINE_integer("images", 600, "JPEG files to generate.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("epochs", 3, "Passes over the files per measurement (first one untimed).")
+flags.DEFINE_integer("repeats", 3, "Measurements of each pipeline, interleaved; the median is "
+                     "reported (this machine's speed drifts by up to ~1.6x within minutes).")
 flags.DEFINE_string("dir", None, "Where to write the files (default: a temporary directory).")
 FLAGS = flags.FLAGS
 
@@ -68,6 +70,7 @@ def measure(ds, images_per_pass):
 def main(argv):
     del argv
     import keras
+    import numpy as np
     import tensorflow as tf
 
     from alexnet_tf import data, preprocessing
@@ -97,13 +100,19 @@ def main(argv):
     train, _ = data.make_dataset(f"folder:{root}", "train", True, FLAGS.batch_size, config)
     evaluation, _ = data.make_dataset(f"folder:{root}", "train", False, FLAGS.batch_size, config)
 
-    results = {}
-    for name, ds, count in [("decode-only", decode_only, n), ("train", train, usable),
-                            ("naive-train", naive, n), ("eval", evaluation, n)]:
-        results[name] = measure(ds, count)
-        print(f"{name:12s} {results[name]:7.0f} img/s  {results[name] / cores:6.0f} img/s/core  "
-              f"{results[name] / results['decode-only']:5.0%} of decode-only", flush=True)
-
+    pipelines = [("decode-only", decode_only, n), ("train", train, usable),
+                 ("naive-train", naive, n), ("eval", evaluation, n)]
+    rates = {name: [] for name, _, _ in pipelines}
+    for repeat in range(FLAGS.repeats):
+        for name, ds, count in pipelines:
+            rates[name].append(measure(ds, count))
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()),
+              flush=True)
+    median = {name: float(np.median(v)) for name, v in rates.items()}
+    print("| pipeline | img/s (median) | img/s/core | vs decode-only |")
+    print("|---|---|---|---|")
+    for name, rate in median.items():
+        print(f"| {name} | {rate:.0f} | {rate / cores:.0f} | {rate / median['decode-only']:.0%} |")
 
 if __name__ == "__main__":
     app.run(main)

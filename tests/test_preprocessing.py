@@ -209,3 +209,22 @@ def test_preprocess_config_json_round_trip(tmp_path):
     path = str(tmp_path / "p.json")
     PHOTO.to_json(path)
     assert PreprocessConfig.from_json(path) == PHOTO
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_image_of_jpeg_bytes_matches_the_decoded_image(mode):
+    # The pipeline passes bytes (decoding fused with the centre window), serving decoded images.
+    image = smooth_image(300, 400, seed=9)
+    encoded = tf.io.encode_jpeg(image, quality=95)
+    from_bytes = run(lambda x: preprocessing.eval_image(x, PHOTO), encoded, mode=mode).numpy()
+    decoded = preprocessing.decode(encoded, 3)
+    from_pixels = preprocessing.eval_image(decoded, PHOTO).numpy()
+    assert from_bytes.shape == (227, 227, 3)
+    # The same pixels up to libjpeg's chroma upsampling at the window's edge.
+    assert np.abs(from_bytes - from_pixels).mean() < 0.5
+    # And the centre: a 300-pixel shorter side at 256 scale makes a 266-pixel window.
+    side = round(300 * 227 / 256)
+    top, left = (300 - side) // 2, (400 - side) // 2
+    window = tf.cast(decoded[top : top + side, left : left + side], tf.float32)
+    expected = tf.image.resize(window, [227, 227]).numpy() - np.array(PHOTO.mean)
+    np.testing.assert_allclose(from_pixels, expected, atol=1e-3)
