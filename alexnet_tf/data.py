@@ -385,7 +385,10 @@ def make_dataset(
         ds = ds.filter(complete)
     if cache:
         ds = ds.cache()
-    if training:
+    # Folder sources are read in a fresh random file order each epoch (load_source): shuffling
+    # their bytes again would only hold shuffle_buffer encoded images in memory. A cache replays
+    # one order, so cached records are shuffled after it.
+    if training and (cache or parse_source(source)[0] != "folder"):
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
@@ -435,22 +438,23 @@ def make_dataset(
         ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     # Backstop for corrupt data that passes the header/trailer check (e.g. garbage mid-file).
     ds = ds.ignore_errors(log_warning=True)
-    # After ignore_errors, so that a bad label stops the run with its file named.
-    ds = ds.map(lambda x, y, o: _check_label(x, y, o, num_classes)[:2])
     if not batched:
         ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE,
                       deterministic=deterministic)
-        if training:
-            # XLA fuses flip, lighting and normalisation into one pass over the batch: tf.data
-            # runs each op of a map single-threaded, and op by op this stage halved the
-            # pipeline's throughput (benchmarks/input_pipeline.py).
-            augment = tf.function(
-                lambda images, s: preprocessing.augment_batch(images, s, preprocess),
-                jit_compile=True)
-            seeds = augmentation_seeds()
-            ds = tf.data.Dataset.zip(ds, seeds).map(
-                lambda batch, s: (augment(batch[0], s), batch[1]),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    # After ignore_errors, so that a bad label stops the run with its file named; on whole
+    # batches, as a per-record map would be one more sequential stage per image.
+    ds = ds.map(lambda x, y, o: _check_label(x, y, o, num_classes)[:2])
+    if training and not batched:
+        # XLA fuses flip, lighting and normalisation into one pass over the batch: tf.data
+        # runs each op of a map single-threaded, and op by op this stage halved the
+        # pipeline's throughput (benchmarks/input_pipeline.py).
+        augment = tf.function(
+            lambda images, s: preprocessing.augment_batch(images, s, preprocess),
+            jit_compile=True)
+        seeds = augmentation_seeds()
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda batch, s: (augment(batch[0], s), batch[1]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic
     if input_context is not None and input_context.num_input_pipelines > 1:
