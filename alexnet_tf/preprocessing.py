@@ -146,24 +146,6 @@ def _window_resized(image, window_fn, config):
     return tf.cond(tf.io.is_jpeg(image), jpeg, lambda: from_pixels(decode(image, config.channels)))
 
 
-def image_shape(image):
-    """[height, width] of an encoded JPEG/PNG (read from the header) or a decoded image."""
-    image = tf.convert_to_tensor(image)
-    if not is_encoded(image):
-        return tf.shape(image)[:2]
-
-    def png_shape():  # IHDR: width and height are big-endian uint32 at bytes 16..23
-        header = tf.io.decode_raw(tf.strings.substr(image, 16, 8), tf.uint8)
-        header = tf.cast(header, tf.int32)
-        width = header[0] * 2**24 + header[1] * 2**16 + header[2] * 2**8 + header[3]
-        height = header[4] * 2**24 + header[5] * 2**16 + header[6] * 2**8 + header[7]
-        return tf.stack([height, width])
-
-    return tf.cond(
-        tf.io.is_jpeg(image), lambda: tf.io.extract_jpeg_shape(image)[:2], png_shape
-    )
-
-
 def _resize(image, height, width):
     size = tf.stack([height, width])
     same = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
@@ -175,6 +157,14 @@ def _resize(image, height, width):
 # Training ops
 
 
+def _crop_side(short, config):
+    """Side, in original pixels, of the window that becomes an image_size crop once the shorter
+    side `short` is scaled to resize_size."""
+    side = tf.cast(tf.round(tf.cast(short, tf.float32) * config.image_size / config.resize_size),
+                   tf.int32)
+    return tf.clip_by_value(side, 1, short)
+
+
 def paper_crop(image, seed, config):
     """Paper §2/§4.1: a random image_size window of the central square, at resize_size scale.
 
@@ -184,9 +174,7 @@ def paper_crop(image, seed, config):
 
     def window(shape):
         short = tf.minimum(shape[0], shape[1])
-        side = tf.cast(tf.round(tf.cast(short, tf.float32) * config.image_size
-                                / config.resize_size), tf.int32)
-        side = tf.clip_by_value(side, 1, short)
+        side = _crop_side(short, config)
         offsets = tf.random.stateless_uniform([2], seed, 0, short - side + 1, dtype=tf.int32)
         square_h, square_w = (shape[0] - short) // 2, (shape[1] - short) // 2
         return square_h + offsets[0], square_w + offsets[1], side, side
@@ -358,11 +346,9 @@ def eval_image(image, config):
         image: encoded JPEG/PNG bytes (scalar string), or [H, W, C] uint8 or float in [0, 255].
         config: a `PreprocessConfig`.
     """
+
     def window(shape):
-        short = tf.minimum(shape[0], shape[1])
-        side = tf.cast(tf.round(tf.cast(short, tf.float32) * config.image_size
-                                / config.resize_size), tf.int32)
-        side = tf.clip_by_value(side, 1, short)
+        side = _crop_side(tf.minimum(shape[0], shape[1]), config)
         return (shape[0] - side) // 2, (shape[1] - side) // 2, side, side
 
     image = normalize(_window_resized(image, window, config), config)

@@ -4,6 +4,7 @@
 into a `TrainConfig` and calls it.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -389,6 +390,16 @@ def build_model(config, num_classes, image_size, channels):
     )
 
 
+@contextlib.contextmanager
+def _validation_runs_out_quietly():
+    """The validation pipeline's length is unknown (corrupt images are filtered out), so Keras
+    learns it by running out of data and warns "Your input ran out of data" after the first
+    evaluation: expected here (the training pipeline repeats forever), so not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        yield
+
+
 def train_and_evaluate(config, workdir):
     """Trains `config` in `workdir`, resuming from its backup if one is there.
 
@@ -512,11 +523,7 @@ def train_and_evaluate(config, workdir):
                                             config.max_lr_drops,
                                             state_path=os.path.join(task_dir, "plateau.json")))
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        # The validation pipeline's length is unknown (corrupt images are filtered out), so Keras
-        # learns it by running out of data and warns "Your input ran out of data" after the
-        # first evaluation: expected here, and the training pipeline repeats forever.
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
+    with _validation_runs_out_quietly():
         model.fit(
             train_ds,
             epochs=config.epochs,
@@ -535,8 +542,7 @@ def train_and_evaluate(config, workdir):
             "lower --learning_rate or check the data")
     train_seconds = time.perf_counter() - start
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Your input ran out of data")  # as in fit
+    with _validation_runs_out_quietly():
         results = model.evaluate(val_ds, steps=config.eval_steps, return_dict=True, verbose=0)
     results = {k: float(v) for k, v in results.items()}
     results["top1_error"], results["top5_error"] = 1 - results["top1"], 1 - results["top5"]

@@ -175,12 +175,6 @@ def test_looks_complete_rejects_truncated_empty_and_non_images():
         assert bool(preprocessing.looks_complete(tf.constant(data))) == expected
 
 
-def test_image_shape_reads_headers():
-    for fmt in ("jpeg", "png"):
-        data = tf.constant(encode(smooth_image(33, 47), fmt))
-        assert preprocessing.image_shape(data).numpy().tolist() == [33, 47]
-
-
 def test_pca_lighting_layer():
     layer = preprocessing.PCALighting(seed=3)
     images = tf.zeros([4, 5, 5, 3])
