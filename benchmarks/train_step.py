@@ -24,7 +24,8 @@ import common  # noqa: E402
 flags.DEFINE_list("variants", ["paper"], "AlexNet variants.")
 flags.DEFINE_list("batch_sizes", ["32"], "Global batch sizes.")
 flags.DEFINE_enum("jit", "false", ["false", "true", "both"], "jit_compile setting(s).")
-flags.DEFINE_integer("warmup_steps", 5, "Untimed steps (tracing, oneDNN primitive creation).")
+flags.DEFINE_integer("warmup_steps", 5, "Untimed steps (tracing, oneDNN primitive creation); "
+                     "at least 1.")
 flags.DEFINE_integer("steps", 20, "Timed steps.")
 flags.DEFINE_enum(
     "grouped_conv", "native", ["native", "split", "keras"],
@@ -80,11 +81,28 @@ def train_rate(variant, batch_size, jit_compile, strategy):
     labels = tf.random.uniform((batch_size,), 0, model.output_shape[-1], tf.int32)
     data = tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(2)
 
-    model.fit(data, steps_per_epoch=FLAGS.warmup_steps, epochs=1, verbose=0)
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0)
-    elapsed = time.perf_counter() - start
+    # Timed from the end of the last warm-up step to the end of the last step, inside one fit():
+    # fit's own wall time would also count the iterator's teardown, which in TensorFlow 2.21 can
+    # wait for tf.data's autotuning thread to wake up (whole seconds; see data.make_dataset).
+    clock = StepClock(FLAGS.warmup_steps)
+    model.fit(data, steps_per_epoch=FLAGS.warmup_steps + FLAGS.steps, epochs=1, verbose=0,
+              callbacks=[clock])
+    elapsed = clock.end - clock.start
     return FLAGS.steps * batch_size / elapsed, elapsed / FLAGS.steps * 1000, common.training_flops(model)
+
+
+def StepClock(warmup_steps):
+    import keras
+
+    class Clock(keras.callbacks.Callback):
+        start = end = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == warmup_steps - 1:
+                self.start = time.perf_counter()
+            self.end = time.perf_counter()
+
+    return Clock()
 
 
 def main(argv):
@@ -112,8 +130,10 @@ def main(argv):
 
     jits = {"false": [False], "true": [True], "both": [False, True]}[FLAGS.jit]
     print("| variant | batch | jit | img/s | ms/step | GFLOP/s | % of matmul peak |"
-          + (" PyTorch img/s | ratio |" if FLAGS.torch else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if FLAGS.torch else ""), flush=True)
+          + (" PyTorch img/s | ratio | PyTorch without LRN img/s | ratio |" if FLAGS.torch
+             else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|---|---|" if FLAGS.torch else ""),
+          flush=True)
     torch_rates = {}
     for variant in FLAGS.variants:
         for batch_size in (int(b) for b in FLAGS.batch_sizes):
@@ -127,13 +147,21 @@ def main(argv):
                 if FLAGS.torch and variant != "cifar":
                     from alexnet_tf.model import DEFAULT_IMAGE_SIZE
 
-                    if (variant, batch_size) not in torch_rates:
-                        torch_rates[variant, batch_size] = common.torch_train_rate(
-                            variant, batch_size, DEFAULT_IMAGE_SIZE[variant], FLAGS.steps,
-                            FLAGS.warmup_steps, threads,
-                            bfloat16=FLAGS.mixed_precision == "bfloat16")
-                    torch_rate = torch_rates[variant, batch_size]
-                    row += f" {torch_rate:.1f} | {rate / torch_rate:.2f}x |"
+                    # With and without PyTorch's LocalResponseNorm (slow in PyTorch): the
+                    # second is a bound on any PyTorch LRN, not the same network.
+                    for lrn in (True, False):
+                        if lrn is False and (FLAGS.lrn == "none" or variant == "one_weird_trick"):
+                            row += " - | - |"
+                            continue
+                        key = variant, batch_size, lrn
+                        if key not in torch_rates:
+                            torch_rates[key] = common.torch_train_rate(
+                                variant, batch_size, DEFAULT_IMAGE_SIZE[variant], FLAGS.steps,
+                                FLAGS.warmup_steps, threads,
+                                bfloat16=FLAGS.mixed_precision == "bfloat16",
+                                lrn=lrn and FLAGS.lrn != "none")
+                        torch_rate = torch_rates[key]
+                        row += f" {torch_rate:.1f} | {rate / torch_rate:.2f}x |"
                 print(row, flush=True)
 
 

@@ -156,6 +156,19 @@ def test_seeded_pipeline_is_deterministic(tmp_path):
     assert not np.array_equal(first[0], other[0])
 
 
+def test_autotuning_thread_is_off_unless_asked(tmp_path):
+    # With it on, TensorFlow 2.21 can hold an iterator's destruction (Keras: before every
+    # validation) until the autotuner wakes up, tens of seconds into a long epoch.
+    write_folder_tree(tmp_path / "train", classes=("a", "b"), per_class=2)
+    source = f"folder:{tmp_path}"
+    for training in (True, False):
+        ds, _ = data.make_dataset(source, "train", training, 2, SMALL)
+        assert ds.options().autotune.enabled is False
+        assert len(collect(ds)[1]) == 4
+    tuned, _ = data.make_dataset(source, "train", False, 2, SMALL, autotune=True)
+    assert tuned.options().autotune.enabled is True
+
+
 def test_sharding_gives_disjoint_parts(tmp_path):
     for i in range(4):
         write_tfrecord(str(tmp_path / f"train-{i}"), [i] * 3)

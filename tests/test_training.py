@@ -89,6 +89,14 @@ def test_nan_loss_stops_with_the_step(tmp_path):
         training.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+def test_auto_strategy_on_one_device_is_the_default_strategy(tmp_path):
+    # Not OneDeviceStrategy: its per-device iterators keep tf.data autotuning on (see
+    # make_strategy); the explicit choice stays available.
+    assert training.make_strategy(tiny_config(tmp_path)) is tf.distribute.get_strategy()
+    one_device = training.make_strategy(tiny_config(tmp_path, strategy="one_device"))
+    assert isinstance(one_device, tf.distribute.OneDeviceStrategy)
+
+
 def test_mirrored_over_two_logical_cpus(tmp_path):
     result = run_train([f"--dataset={tiny_idx(tmp_path)}", "--variant=cifar", "--init=keras",
                         "--strategy=mirrored", "--cpu_replicas=2", "--batch_size=32",
