@@ -116,7 +116,7 @@ def looks_complete(encoded):
     return tf.logical_and(size > 0, tf.logical_or(jpeg, png))
 
 
-def _window_resized(image, window_fn, config):
+def _window_resized(image, window_fn, config, jpeg=False):
     """Cuts the window `window_fn(shape)` = (top, left, height, width) out of an image and
     resizes it to image_size (bilinear, as Caffe and torchvision resize; antialiasing cost 2-3x
     the JPEG decode here).
@@ -124,7 +124,8 @@ def _window_resized(image, window_fn, config):
     JPEG bytes: the header gives the shape and only the window is decoded
     (`decode_and_crop_jpeg`). Other bytes (PNG): full decode, then a slice. Decoded images: a
     slice. One branch per image: each `tf.cond` in a tf.data map costs about as much as the
-    resize (two of them held the training pipeline at ~450 img/s, one at ~790).
+    resize (two of them held the training pipeline at ~450 img/s, one at ~790). `jpeg=True`
+    (bytes known to be JPEG) takes the JPEG path with no branch at all.
     """
     image = tf.convert_to_tensor(image)
     size = [config.image_size, config.image_size]
@@ -137,13 +138,16 @@ def _window_resized(image, window_fn, config):
     if not is_encoded(image):
         return from_pixels(image)
 
-    def jpeg():
+    def jpeg_window():
         top, left, height, width = window_fn(tf.io.extract_jpeg_shape(image)[:2])
         window = tf.image.decode_and_crop_jpeg(
             image, tf.stack([top, left, height, width]), channels=config.channels)
         return tf.image.resize(window, size)
 
-    return tf.cond(tf.io.is_jpeg(image), jpeg, lambda: from_pixels(decode(image, config.channels)))
+    if jpeg:
+        return jpeg_window()
+    return tf.cond(tf.io.is_jpeg(image), jpeg_window,
+                   lambda: from_pixels(decode(image, config.channels)))
 
 
 def _resize(image, height, width):
@@ -165,7 +169,7 @@ def _crop_side(short, config):
     return tf.clip_by_value(side, 1, short)
 
 
-def paper_crop(image, seed, config):
+def paper_crop(image, seed, config, jpeg=False):
     """Paper §2/§4.1: a random image_size window of the central square, at resize_size scale.
 
     The window is chosen in original pixel coordinates, decoded alone (JPEG) and resized, which
@@ -179,10 +183,10 @@ def paper_crop(image, seed, config):
         square_h, square_w = (shape[0] - short) // 2, (shape[1] - short) // 2
         return square_h + offsets[0], square_w + offsets[1], side, side
 
-    return _window_resized(image, window, config)
+    return _window_resized(image, window, config, jpeg)
 
 
-def inception_crop(image, seed, config):
+def inception_crop(image, seed, config, jpeg=False):
     """Inception-style random-resized crop: 8-100% of the area, aspect ratio 3/4-4/3."""
 
     def window(shape):
@@ -198,11 +202,12 @@ def inception_crop(image, seed, config):
         )
         return begin[0], begin[1], size[0], size[1]
 
-    return _window_resized(image, window, config)
+    return _window_resized(image, window, config, jpeg)
 
 
-def pad_crop(image, seed, config):
+def pad_crop(image, seed, config, jpeg=False):
     """Small images: resize to image_size if needed, zero-pad by `pad`, random image_size crop."""
+    del jpeg  # decoded whole either way
     image = tf.convert_to_tensor(image)
     if is_encoded(image):
         image = decode(image, config.channels)
@@ -270,10 +275,12 @@ def denormalize(images, config):
     return tf.reverse(images, axis=[-1]) if config.bgr else images
 
 
-def random_crop(image, seed, config):
-    """The training crop of one image by `config.crop`: "paper", "inception" or "pad"."""
+def random_crop(image, seed, config, jpeg=False):
+    """The training crop of one image by `config.crop`: "paper", "inception" or "pad".
+
+    `jpeg=True` promises JPEG bytes (no format branch; other bytes fail to decode)."""
     crop = {"paper": paper_crop, "inception": inception_crop, "pad": pad_crop}[config.crop]
-    image = crop(tf.convert_to_tensor(image), seed, config)
+    image = crop(tf.convert_to_tensor(image), seed, config, jpeg=jpeg)
     return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
 
 
@@ -335,7 +342,7 @@ def center_crop(image, size):
     return image[top : top + size, left : left + size]
 
 
-def eval_image(image, config):
+def eval_image(image, config, jpeg=False):
     """Evaluation view of one image: shorter side to resize_size, centre crop, normalise.
 
     Computed as the central window of the original that becomes the centre crop (decoded alone
@@ -345,13 +352,14 @@ def eval_image(image, config):
     Args:
         image: encoded JPEG/PNG bytes (scalar string), or [H, W, C] uint8 or float in [0, 255].
         config: a `PreprocessConfig`.
+        jpeg: the bytes are known to be JPEG (skips the format branch).
     """
 
     def window(shape):
         side = _crop_side(tf.minimum(shape[0], shape[1]), config)
         return (shape[0] - side) // 2, (shape[1] - side) // 2, side, side
 
-    image = normalize(_window_resized(image, window, config), config)
+    image = normalize(_window_resized(image, window, config, jpeg), config)
     return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
 
 

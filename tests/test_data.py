@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from alexnet_tf import data
 from alexnet_tf.preprocessing import PreprocessConfig
-from tests.helpers import smooth_image, write_folder_tree, write_idx, write_tfrecord
+from tests.helpers import encode, smooth_image, write_folder_tree, write_idx, write_tfrecord
 
 SMALL = PreprocessConfig(image_size=32, resize_size=36)
 
@@ -59,6 +59,22 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
     images, labels = collect(ds)
     assert len(images) == 3
     assert int(info.skipped.numpy()) == 3
+
+
+def test_jpeg_named_folders_decode_without_a_format_branch_and_skip_impostors(tmp_path):
+    paths = write_folder_tree(tmp_path / "train", classes=("a", "b"), per_class=3)
+    with open(paths[2], "wb") as f:  # a PNG with a .jpg name (ImageNet has one)
+        f.write(encode(smooth_image(40, 50), "png"))
+    for training in (True, False):
+        ds, info = data.make_dataset(f"folder:{tmp_path}", "train", training, 1, SMALL)
+        assert info.jpeg_only
+        images, labels = collect(ds)
+        assert len(images) == 5 and int(info.skipped.numpy()) == 1
+    # One real .png among the files: every file goes through the branch, the PNG decodes.
+    os.rename(paths[2], paths[2][: -len(".jpg")] + ".png")
+    ds, info = data.make_dataset(f"folder:{tmp_path}", "train", False, 1, SMALL)
+    assert not info.jpeg_only
+    assert len(collect(ds)[0]) == 6 and int(info.skipped.numpy()) == 0
 
 
 @pytest.mark.parametrize("layout, message", [

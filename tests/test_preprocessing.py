@@ -52,6 +52,18 @@ def test_paper_crop_is_a_window_of_the_central_square(mode, fmt):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_jpeg_path_without_the_branch_gives_the_same_crops(mode):
+    encoded = encode(smooth_image(300, 400, seed=7), "jpeg")
+    for crop in (preprocessing.paper_crop, preprocessing.inception_crop):
+        branched = run(lambda x, s: crop(x, s, PHOTO), encoded, [8, 9], mode=mode)
+        direct = run(lambda x, s: crop(x, s, PHOTO, jpeg=True), encoded, [8, 9], mode=mode)
+        np.testing.assert_array_equal(branched.numpy(), direct.numpy())
+    branched = run(lambda x: preprocessing.eval_image(x, PHOTO), encoded, mode=mode)
+    direct = run(lambda x: preprocessing.eval_image(x, PHOTO, jpeg=True), encoded, mode=mode)
+    np.testing.assert_array_equal(branched.numpy(), direct.numpy())
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_paper_crop_of_a_large_image_is_resized_to_the_crop_size(mode):
     encoded = encode(smooth_image(480, 640, seed=2), "jpeg")
     crop = run(lambda x, s: preprocessing.paper_crop(x, s, PHOTO), encoded, [3, 4], mode=mode)
