@@ -342,25 +342,31 @@ def center_crop(image, size):
     return image[top : top + size, left : left + size]
 
 
-def eval_image(image, config, jpeg=False):
-    """Evaluation view of one image: shorter side to resize_size, centre crop, normalise.
+def eval_crop(image, config, jpeg=False):
+    """`eval_image` before normalisation: the centre view in [0, 255], float32.
 
     Computed as the central window of the original that becomes the centre crop (decoded alone
     for JPEG bytes), resized to image_size: equal to resizing first and cropping after, up to
     resampling, and ~2x cheaper (the full-size decode and resize are skipped).
-
-    Args:
-        image: encoded JPEG/PNG bytes (scalar string), or [H, W, C] uint8 or float in [0, 255].
-        config: a `PreprocessConfig`.
-        jpeg: the bytes are known to be JPEG (skips the format branch).
     """
 
     def window(shape):
         side = _crop_side(tf.minimum(shape[0], shape[1]), config)
         return (shape[0] - side) // 2, (shape[1] - side) // 2, side, side
 
-    image = normalize(_window_resized(image, window, config, jpeg), config)
+    image = _window_resized(image, window, config, jpeg)
     return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
+
+
+def eval_image(image, config, jpeg=False):
+    """Evaluation view of one image: shorter side to resize_size, centre crop, normalise.
+
+    Args:
+        image: encoded JPEG/PNG bytes (scalar string), or [H, W, C] uint8 or float in [0, 255].
+        config: a `PreprocessConfig`.
+        jpeg: the bytes are known to be JPEG (skips the format branch).
+    """
+    return normalize(eval_crop(image, config, jpeg), config)
 
 
 def ten_crop(image, config):
