@@ -79,19 +79,22 @@ def train_rate(variant, batch_size, jit_compile, strategy):
     shape = (batch_size, *model.input_shape[1:])
     images = tf.random.uniform(shape, -1.0, 1.0)
     labels = tf.random.uniform((batch_size,), 0, model.output_shape[-1], tf.int32)
-    data = tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(2)
-
-    # Timed from the end of the last warm-up step to the end of the last step, inside one fit():
-    # fit's own wall time would also count the iterator's teardown, which in TensorFlow 2.21 can
-    # wait for tf.data's autotuning thread to wake up (whole seconds; see data.make_dataset).
-    clock = StepClock(FLAGS.warmup_steps)
+    # No autotuning thread: in TensorFlow 2.21 fit()'s iterator teardown can wait whole seconds
+    # for it to wake up (see data.make_dataset); the steps are timed inside fit() regardless,
+    # from the end of the last warm-up step to the end of the last step.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    data = (tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(2)
+            .with_options(options))
+    clock = step_clock(FLAGS.warmup_steps)
     model.fit(data, steps_per_epoch=FLAGS.warmup_steps + FLAGS.steps, epochs=1, verbose=0,
               callbacks=[clock])
     elapsed = clock.end - clock.start
     return FLAGS.steps * batch_size / elapsed, elapsed / FLAGS.steps * 1000, common.training_flops(model)
 
 
-def StepClock(warmup_steps):
+def step_clock(warmup_steps):
+    """A callback that records when warm-up ends (`start`) and when the last step ends (`end`)."""
     import keras
 
     class Clock(keras.callbacks.Callback):
