@@ -5,7 +5,7 @@ percentage of this machine's matrix-multiply peak (measured first, with TensorFl
 matmul), and, with --torch, the same network trained by PyTorch in the same run. Synthetic data,
 so only the model is measured.
 
-    python benchmarks/train_step.py --variants=paper --batch_sizes=32 --torch
+    python benchmarks/train_step.py --variants=paper --batch_sizes=32 --torch --repeats=5
     python benchmarks/train_step.py --variants=paper,single_tower,one_weird_trick,cifar \\
         --batch_sizes=32,128 --jit=both
     python benchmarks/train_step.py --mixed_precision=bfloat16 --jit=true   # on a GPU
@@ -27,6 +27,8 @@ flags.DEFINE_enum("jit", "false", ["false", "true", "both"], "jit_compile settin
 flags.DEFINE_integer("warmup_steps", 5, "Untimed steps (tracing, oneDNN primitive creation); "
                      "at least 1.")
 flags.DEFINE_integer("steps", 20, "Timed steps.")
+flags.DEFINE_integer("repeats", 1, "Rounds per row, each measuring alexnet_tf then PyTorch; "
+                     "the row reports medians (this machine's speed varies by ~10% between runs).")
 flags.DEFINE_enum(
     "grouped_conv", "native", ["native", "split", "keras"],
     "Grouped convolution: GroupedConv2D 'native' or 'split', or Keras' own Conv2D(groups=2).",
@@ -118,7 +120,6 @@ def main(argv):
     gpus = tf.config.list_physical_devices("GPU")
     strategy = (tf.distribute.MirroredStrategy() if FLAGS.mirrored
                 else tf.distribute.get_strategy())
-    threads = FLAGS.threads or os.cpu_count()
     device = f"{len(gpus)} GPU(s)" if gpus else f"CPU, {os.cpu_count()} cores"
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {device}; "
           f"policy {keras.config.dtype_policy().name}; grouped_conv={FLAGS.grouped_conv} "
@@ -137,36 +138,47 @@ def main(argv):
              else ""))
     print("|---|---|---|---|---|---|---|" + ("---|---|---|---|" if FLAGS.torch else ""),
           flush=True)
-    torch_rates = {}
     for variant in FLAGS.variants:
         for batch_size in (int(b) for b in FLAGS.batch_sizes):
             for jit in jits:
-                rate, ms, flops = train_rate(variant, batch_size, jit, strategy)
-                gflops = rate * flops / 1e9
-                row = (f"| {variant} | {batch_size} | {jit} | {rate:.1f} | {ms:.0f} | "
-                       f"{gflops:.0f} | {100 * gflops / peak:.0f}% |" if peak else
-                       f"| {variant} | {batch_size} | {jit} | {rate:.1f} | {ms:.0f} | "
-                       f"{gflops:.0f} | - |")
-                if FLAGS.torch and variant != "cifar":
-                    from alexnet_tf.model import DEFAULT_IMAGE_SIZE
+                print(row(variant, batch_size, jit, strategy, peak), flush=True)
 
-                    # With and without PyTorch's LocalResponseNorm (slow in PyTorch): the
-                    # second is a bound on any PyTorch LRN, not the same network.
-                    for lrn in (True, False):
-                        if lrn is False and (FLAGS.lrn == "none" or variant == "one_weird_trick"):
-                            row += " - | - |"
-                            continue
-                        key = variant, batch_size, lrn
-                        if key not in torch_rates:
-                            torch_rates[key] = common.torch_train_rate(
-                                variant, batch_size, DEFAULT_IMAGE_SIZE[variant], FLAGS.steps,
-                                FLAGS.warmup_steps, threads,
-                                bfloat16=FLAGS.mixed_precision == "bfloat16",
-                                lrn=lrn and FLAGS.lrn != "none")
-                        torch_rate = torch_rates[key]
-                        row += f" {torch_rate:.1f} | {rate / torch_rate:.2f}x |"
-                print(row, flush=True)
 
+def row(variant, batch_size, jit, strategy, peak):
+    """One table row: medians over FLAGS.repeats rounds, each round measuring alexnet_tf and
+    then PyTorch (with and without its LRN), so that both see the same phases of the machine."""
+    import numpy as np
+
+    from alexnet_tf.model import DEFAULT_IMAGE_SIZE
+
+    torch_lrn = [True, False] if FLAGS.torch and variant != "cifar" else []
+    if FLAGS.lrn == "none" or variant == "one_weird_trick":  # no LRN to leave out
+        torch_lrn = torch_lrn[:1]
+    threads = FLAGS.threads or os.cpu_count()
+    rates, torch_rates = [], {lrn: [] for lrn in torch_lrn}
+    for _ in range(FLAGS.repeats):
+        rate, _, flops = train_rate(variant, batch_size, jit, strategy)
+        rates.append(rate)
+        for lrn in torch_lrn:
+            torch_rates[lrn].append(common.torch_train_rate(
+                variant, batch_size, DEFAULT_IMAGE_SIZE[variant], FLAGS.steps, FLAGS.warmup_steps,
+                threads, bfloat16=FLAGS.mixed_precision == "bfloat16",
+                lrn=lrn and FLAGS.lrn != "none"))
+    rate = float(np.median(rates))
+    gflops = rate * flops / 1e9
+    text = (f"| {variant} | {batch_size} | {jit} | {rate:.1f} | {batch_size / rate * 1000:.0f} | "
+            f"{gflops:.0f} | {f'{100 * gflops / peak:.0f}%' if peak else '-'} |")
+    if FLAGS.torch:
+        for lrn in (True, False):
+            if lrn not in torch_rates:
+                text += " - | - |"
+                continue
+            torch_rate = float(np.median(torch_rates[lrn]))
+            # The ratio of each round's pair, as a median and a range.
+            ratios = np.asarray(rates) / np.asarray(torch_rates[lrn])
+            spread = (f" ({ratios.min():.2f}-{ratios.max():.2f})" if len(ratios) > 1 else "")
+            text += f" {torch_rate:.1f} | {np.median(ratios):.2f}x{spread} |"
+    return text
 
 if __name__ == "__main__":
     app.run(main)
