@@ -1,5 +1,8 @@
 """Local response normalisation (Krizhevsky et al. 2012, §3.3) as a Keras layer."""
 
+import contextlib
+import threading
+
 import keras
 import tensorflow as tf
 
@@ -36,6 +39,38 @@ def _window_sum(v, radius):
     for i in range(1, 2 * radius + 1):
         total = total + padded[..., i : i + channels]
     return total
+
+
+def fused_lrn_forward(depth_radius, bias, alpha, beta):
+    """The forward half of `fused_lrn` alone (inference): one XLA-fused pass, ~1.6x faster than
+    `tf.nn.local_response_normalization`'s CPU kernel on the paper model's activations."""
+
+    @tf.function(jit_compile=True)
+    def forward(x):
+        d = bias + alpha * _window_sum(tf.square(x), depth_radius)
+        return x * _neg_power(d, beta)
+
+    return forward
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def standard_ops():
+    """Inside this context, LocalResponseNormalization layers compute (and trace)
+    `tf.nn.local_response_normalization` whatever their implementation.
+
+    For graphs that leave this process: `serving.export_saved_model` traces its signatures
+    inside it, so SavedModels hold only standard TensorFlow ops (no XLA-compiled functions),
+    which TF Serving runs on any device.
+    """
+    previous = getattr(_state, "standard", False)
+    _state.standard = True
+    try:
+        yield
+    finally:
+        _state.standard = previous
 
 
 def fused_lrn(depth_radius, bias, alpha, beta):
@@ -83,12 +118,13 @@ class LocalResponseNormalization(keras.layers.Layer):
         bias: the paper's k.
         alpha: the paper's alpha (not divided by n; see the "caffe" preset for that convention).
         beta: the paper's beta.
-        implementation: how training computes it: "tf" (`tf.nn.local_response_normalization`
-            and its gradient), "fused" (`fused_lrn`: the same values, XLA-fused, with a
-            gradient ~4x faster than TensorFlow's CPU kernel) or "auto" ("fused" when no GPU is
-            visible, else "tf", whose GPU kernels are cuDNN's). Inference (training=False)
-            always uses `tf.nn.local_response_normalization`, so exported SavedModels hold only
-            standard ops.
+        implementation: "tf" (`tf.nn.local_response_normalization` and its gradient), "fused"
+            (the same values, XLA-fused: `fused_lrn` in training, with a gradient ~4x faster
+            than TensorFlow's CPU kernel, and `fused_lrn_forward` in inference, ~1.6x) or
+            "auto" ("fused" when no GPU is visible, else "tf", whose GPU kernels are cuDNN's).
+            Inside `standard_ops()` (which `serving.export_saved_model` uses) every
+            implementation computes `tf.nn.local_response_normalization`, so exported
+            SavedModels hold only standard ops.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Example:
@@ -121,14 +157,16 @@ class LocalResponseNormalization(keras.layers.Layer):
         implementation = self.implementation
         if implementation == "auto":
             implementation = "tf" if tf.config.list_physical_devices("GPU") else "fused"
-        self._fused = None
+        self._fused = self._fused_forward = None
         if implementation == "fused":
-            self._fused = fused_lrn(self.depth_radius, self.bias, self.alpha, self.beta)
+            params = self.depth_radius, self.bias, self.alpha, self.beta
+            self._fused = fused_lrn(*params)
+            self._fused_forward = fused_lrn_forward(*params)
 
     def call(self, inputs, training=None):
         inputs = tf.cast(inputs, tf.float32)
-        if training and self._fused is not None:
-            outputs = self._fused(inputs)
+        if self._fused is not None and not getattr(_state, "standard", False):
+            outputs = self._fused(inputs) if training else self._fused_forward(inputs)
         else:
             outputs = tf.nn.local_response_normalization(
                 inputs,

@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from alexnet_tf import preprocessing
+from alexnet_tf import lrn, preprocessing
 
 
 class ExportError(RuntimeError):
@@ -79,12 +79,15 @@ def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(
-        "serving_default", serve_bytes,
-        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    archive.add_endpoint(
-        "predict_images", serve_images,
-        input_signature=[tf.TensorSpec([None, None, None, config.channels], tf.float32, name="images")])
+    # Traced with TensorFlow's own LRN op, not the XLA-fused CPU one: standard ops only.
+    with lrn.standard_ops():
+        archive.add_endpoint(
+            "serving_default", serve_bytes,
+            input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        archive.add_endpoint(
+            "predict_images", serve_images,
+            input_signature=[tf.TensorSpec([None, None, None, config.channels], tf.float32,
+                                           name="images")])
     return archive
 
 
@@ -120,7 +123,8 @@ def export_saved_model(model, export_dir, class_names, config, version=None, ten
     archive = build_export_archive(model, class_names, config, ten_crop=ten_crop, top_k=top_k)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
     try:
-        archive.write_out(tmp, verbose=False)
+        with lrn.standard_ops():
+            archive.write_out(tmp, verbose=False)
         # Also readable without TensorFlow; TF Serving leaves assets.extra/ to its users.
         os.makedirs(os.path.join(tmp, "assets.extra"))
         with open(os.path.join(tmp, "assets.extra", "class_names.txt"), "w") as f:

@@ -11,6 +11,7 @@ Writes a folder tree of ~500x375, ~100 KB JPEGs re-encoded from scikit-image's s
   eval          make_dataset(training=False): decode, shorter side 256, centre crop
 Example:
     pip install scikit-image && python benchmarks/input_pipeline.py --images=600
+    python benchmarks/input_pipeline.py --images=600 --ablation   # the crop stage alone
 """
 
 import os
@@ -24,6 +25,9 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("epochs", 3, "Passes over the files per measurement (first one untimed).")
 flags.DEFINE_integer("repeats", 3, "Measurements of each pipeline, interleaved; the median is "
                      "reported (this machine's speed drifts by up to ~1.6x within minutes).")
+flags.DEFINE_bool("ablation", False, "Also measure the training pipeline's crop stage alone: "
+                  "a fixed window decoded and resized, and preprocessing.paper_crop's random "
+                  "window, neither augmented nor filtered.")
 flags.DEFINE_string("dir", None, "Where to write the files (default: a temporary directory).")
 FLAGS = flags.FLAGS
 
@@ -59,7 +63,16 @@ def make_jpegs(root, count):
 
 
 def measure(ds, images_per_pass):
-    """images/s over FLAGS.epochs - 1 timed passes after one warm-up pass."""
+    """images/s over FLAGS.epochs - 1 timed passes after one warm-up pass.
+
+    Each pass creates and destroys an iterator. Every pipeline here runs with tf.data's
+    autotuning off, as make_dataset's do: in TensorFlow 2.21 destroying an autotuned iterator
+    waits for the autotuner's next wake-up (up to ~2x a pass of this length)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    ds = ds.with_options(options)
     for _ in ds:
         pass
     start = time.perf_counter()
@@ -113,6 +126,19 @@ def main(argv):
     pipelines = [("decode-only", decode_only, n), ("decode+resize", decode_resize, n),
                  ("train", train, usable),
                  ("naive-train", naive, n), ("eval", evaluation, n)]
+    if FLAGS.ablation:
+        seeds = tf.data.Dataset.random(seed=0, rerandomize_each_iteration=True).batch(2)
+        encoded = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(files).map(
+            tf.io.read_file, num_parallel_calls=autotune), seeds)
+        # A window every file has (all are at least 375 on each side), 332 = what paper_crop
+        # cuts from a 375-pixel shorter side.
+        fixed = encoded.map(lambda x, s: tf.image.resize(
+            tf.image.decode_and_crop_jpeg(x, [20, 30, 332, 332], channels=3),
+            [config.image_size, config.image_size]), num_parallel_calls=autotune)
+        paper = encoded.map(lambda x, s: preprocessing.paper_crop(x, s, config, jpeg=True),
+                            num_parallel_calls=autotune)
+        pipelines += [("crop: fixed window + resize", fixed.batch(FLAGS.batch_size), n),
+                      ("crop: paper_crop", paper.batch(FLAGS.batch_size), n)]
     rates = {name: [] for name, _, _ in pipelines}
     for repeat in range(FLAGS.repeats):
         for name, ds, count in pipelines:

@@ -65,6 +65,23 @@ def test_serving_default_matches_keras_on_real_jpeg_bytes(exported, model):
     np.testing.assert_allclose(out["scores"].numpy(), np.take_along_axis(expected, top, 1), rtol=1e-4)
 
 
+def test_saved_model_holds_standard_lrn_ops_and_no_xla_functions(exported, model):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    lrn_layers = [layer for layer in model.layers
+                  if isinstance(layer, alexnet_tf.LocalResponseNormalization)]
+    # On this CPU-only machine the layers train and predict through XLA-fused functions...
+    assert lrn_layers and all(layer._fused_forward is not None for layer in lrn_layers)
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(exported[0], "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    functions = proto.meta_graphs[0].graph_def.library.function
+    ops = {node.op for function in functions for node in function.node_def}
+    # ...but the export holds TensorFlow's LRN op, which TF Serving runs anywhere.
+    assert "LRN" in ops
+    assert not [f.signature.name for f in functions if "_XlaMustCompile" in f.attr]
+
+
 def test_predict_images_matches_serving_default(exported):
     _, loaded = exported
     data = jpegs(2)
