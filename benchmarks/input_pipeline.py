@@ -22,7 +22,8 @@ from absl import app, flags
 
 flags.DEFINE_integer("images", 600, "JPEG files to generate.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("epochs", 3, "Passes over the files per measurement (first one untimed).")
+flags.DEFINE_integer("batches", 30, "Timed batches per measurement, after the first (the files "
+                     "are repeated as often as needed).")
 flags.DEFINE_integer("repeats", 3, "Measurements of each pipeline, interleaved; the median is "
                      "reported (this machine's speed drifts by up to ~1.6x within minutes).")
 flags.DEFINE_bool("ablation", False, "Also measure the training pipeline's crop stage alone: "
@@ -62,24 +63,25 @@ def make_jpegs(root, count):
     return sum(sizes) / len(sizes)
 
 
-def measure(ds, images_per_pass):
-    """images/s over FLAGS.epochs - 1 timed passes after one warm-up pass.
+def measure(ds, batch_size):
+    """Steady-state images/s of a repeating pipeline: FLAGS.batches batches timed on one iterator,
+    after its first batch.
 
-    Each pass creates and destroys an iterator. Every pipeline here runs with tf.data's
-    autotuning off, as make_dataset's do: in TensorFlow 2.21 destroying an autotuned iterator
-    waits for the autotuner's next wake-up (up to ~2x a pass of this length)."""
+    One iterator per measurement, as in a training epoch: a new iterator pays start-up costs
+    (threads, the first batch, XLA compilation of the batch stages) that passes over a few
+    hundred files would count several times. Every pipeline runs with tf.data's autotuning off,
+    as make_dataset's do (in TensorFlow 2.21 destroying an autotuned iterator waits for the
+    autotuner's next wake-up)."""
     import tensorflow as tf
 
     options = tf.data.Options()
     options.autotune.enabled = False
-    ds = ds.with_options(options)
-    for _ in ds:
-        pass
+    iterator = iter(ds.with_options(options))
+    next(iterator)
     start = time.perf_counter()
-    for _ in range(FLAGS.epochs - 1):
-        for _ in ds:
-            pass
-    return images_per_pass * (FLAGS.epochs - 1) / (time.perf_counter() - start)
+    for _ in range(FLAGS.batches):
+        next(iterator)
+    return FLAGS.batches * batch_size / (time.perf_counter() - start)
 
 
 def main(argv):
@@ -94,42 +96,43 @@ def main(argv):
     mean_bytes = make_jpegs(root, FLAGS.images)
     files = sorted(tf.io.gfile.glob(os.path.join(root, "train", "*", "*.jpg")))
     n = len(files)
-    usable = n // FLAGS.batch_size * FLAGS.batch_size  # the training pipeline drops the remainder
     cores = os.cpu_count()
     print(f"{n} JPEGs, mean {mean_bytes / 1024:.0f} KiB, in {root}; {cores} cores; "
           f"batch {FLAGS.batch_size}")
     autotune = tf.data.AUTOTUNE
     config = preprocessing.PreprocessConfig()  # the paper's 227 crops of 256
 
-    decode_only = (tf.data.Dataset.from_tensor_slices(files)
+    paths = tf.data.Dataset.from_tensor_slices(files).repeat()
+    decode_only = (paths
                    .map(lambda p: tf.io.decode_jpeg(tf.io.read_file(p), channels=3),
                         num_parallel_calls=autotune, deterministic=False)
                    .map(lambda x: tf.shape(x)).batch(FLAGS.batch_size).prefetch(autotune))
     # Resize cost grows with the output size: resizing the whole image to 227x227 costs what
     # resizing a random window to it does, and decoding a window costs what decoding it all does.
-    decode_resize = (tf.data.Dataset.from_tensor_slices(files)
+    decode_resize = (paths
                      .map(lambda p: tf.image.resize(
                          tf.io.decode_jpeg(tf.io.read_file(p), channels=3),
                          [config.image_size, config.image_size]),
                      num_parallel_calls=autotune, deterministic=False)
                      .batch(FLAGS.batch_size).prefetch(autotune))
     crop, flip = keras.layers.RandomCrop(227, 227), keras.layers.RandomFlip("horizontal")
-    naive = (tf.data.Dataset.from_tensor_slices(files)
+    naive = (paths
              .map(lambda p: tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(p), channels=3),
                                             [256, 256]), num_parallel_calls=autotune)
              .batch(FLAGS.batch_size)
              .map(lambda x: flip(crop(x, training=True), training=True), num_parallel_calls=autotune)
              .prefetch(autotune))
-    train, _ = data.make_dataset(f"folder:{root}", "train", True, FLAGS.batch_size, config)
-    evaluation, _ = data.make_dataset(f"folder:{root}", "train", False, FLAGS.batch_size, config)
+    train, _ = data.make_dataset(f"folder:{root}", "train", True, FLAGS.batch_size, config,
+                                 repeat=True)
+    evaluation, _ = data.make_dataset(f"folder:{root}", "train", False, FLAGS.batch_size, config,
+                                      repeat=True)
 
-    pipelines = [("decode-only", decode_only, n), ("decode+resize", decode_resize, n),
-                 ("train", train, usable),
-                 ("naive-train", naive, n), ("eval", evaluation, n)]
+    pipelines = [("decode-only", decode_only), ("decode+resize", decode_resize), ("train", train),
+                 ("naive-train", naive), ("eval", evaluation)]
     if FLAGS.ablation:
         seeds = tf.data.Dataset.random(seed=0, rerandomize_each_iteration=True).batch(2)
-        encoded = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(files).map(
-            tf.io.read_file, num_parallel_calls=autotune), seeds)
+        encoded = tf.data.Dataset.zip(paths.map(tf.io.read_file, num_parallel_calls=autotune),
+                                      seeds)
         # A window every file has (all are at least 375 on each side), 332 = what paper_crop
         # cuts from a 375-pixel shorter side.
         fixed = encoded.map(lambda x, s: tf.image.resize(
@@ -137,12 +140,12 @@ def main(argv):
             [config.image_size, config.image_size]), num_parallel_calls=autotune)
         paper = encoded.map(lambda x, s: preprocessing.paper_crop(x, s, config, jpeg=True),
                             num_parallel_calls=autotune)
-        pipelines += [("crop: fixed window + resize", fixed.batch(FLAGS.batch_size), n),
-                      ("crop: paper_crop", paper.batch(FLAGS.batch_size), n)]
-    rates = {name: [] for name, _, _ in pipelines}
+        pipelines += [("crop: fixed window + resize", fixed.batch(FLAGS.batch_size)),
+                      ("crop: paper_crop", paper.batch(FLAGS.batch_size))]
+    rates = {name: [] for name, _ in pipelines}
     for repeat in range(FLAGS.repeats):
-        for name, ds, count in pipelines:
-            rates[name].append(measure(ds, count))
+        for name, ds in pipelines:
+            rates[name].append(measure(ds, FLAGS.batch_size))
         print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()),
               flush=True)
     median = {name: float(np.median(v)) for name, v in rates.items()}
@@ -150,6 +153,7 @@ def main(argv):
     print("|---|---|---|---|")
     for name, rate in median.items():
         print(f"| {name} | {rate:.0f} | {rate / cores:.0f} | {rate / median['decode-only']:.0%} |")
+
 
 if __name__ == "__main__":
     app.run(main)
