@@ -68,7 +68,7 @@ def measure(ds, batch_size):
     after its first batch.
 
     One iterator per measurement, as in a training epoch: a new iterator pays start-up costs
-    (threads, the first batch, XLA compilation of the batch stages) that passes over a few
+    (threads, the first batch, instantiating each stage's functions) that passes over a few
     hundred files would count several times. Every pipeline runs with tf.data's autotuning off,
     as make_dataset's do (in TensorFlow 2.21 destroying an autotuned iterator waits for the
     autotuner's next wake-up)."""
