@@ -1,10 +1,10 @@
 """Local response normalisation (Krizhevsky et al. 2012, §3.3) as a Keras layer."""
 
-import contextlib
-import threading
-
 import keras
 import tensorflow as tf
+
+# Re-exported: exports trace LRN (and dense layers) inside it; see alexnet_tf.layers.
+from alexnet_tf.layers import standard_ops, using_standard_ops  # noqa: F401
 
 # (depth_radius, bias, alpha, beta) for tf.nn.local_response_normalization, which computes
 #   b[..., c] = a[..., c] / (bias + alpha * sum_{c' = c - r}^{c + r} a[..., c']**2) ** beta
@@ -51,26 +51,6 @@ def fused_lrn_forward(depth_radius, bias, alpha, beta):
         return x * _neg_power(d, beta)
 
     return forward
-
-
-_state = threading.local()
-
-
-@contextlib.contextmanager
-def standard_ops():
-    """Inside this context, LocalResponseNormalization layers compute (and trace)
-    `tf.nn.local_response_normalization` whatever their implementation.
-
-    For graphs that leave this process: `serving.export_saved_model` traces its signatures
-    inside it, so SavedModels hold only standard TensorFlow ops (no XLA-compiled functions),
-    which TF Serving runs on any device.
-    """
-    previous = getattr(_state, "standard", False)
-    _state.standard = True
-    try:
-        yield
-    finally:
-        _state.standard = previous
 
 
 def fused_lrn(depth_radius, bias, alpha, beta):
@@ -165,7 +145,7 @@ class LocalResponseNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         inputs = tf.cast(inputs, tf.float32)
-        if self._fused is not None and not getattr(_state, "standard", False):
+        if self._fused is not None and not using_standard_ops():
             outputs = self._fused(inputs) if training else self._fused_forward(inputs)
         else:
             outputs = tf.nn.local_response_normalization(

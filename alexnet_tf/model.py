@@ -2,7 +2,7 @@
 
 import keras
 
-from alexnet_tf.layers import GroupedConv2D
+from alexnet_tf.layers import Dense, GroupedConv2D
 from alexnet_tf.lrn import LRN_PRESETS, LocalResponseNormalization
 
 VARIANTS = ("paper", "single_tower", "one_weird_trick", "cifar")
@@ -46,6 +46,7 @@ def AlexNet(
     name=None,
     grouped_conv_implementation="native",
     lrn_implementation="auto",
+    dense_implementation="auto",
 ):
     """Builds an AlexNet `keras.Model`.
 
@@ -72,6 +73,7 @@ def AlexNet(
         name: model name; defaults to "alexnet_<variant>".
         grouped_conv_implementation: "native" or "split"; see `GroupedConv2D`.
         lrn_implementation: "auto", "fused" or "tf"; see `LocalResponseNormalization`.
+        dense_implementation: "auto", "eigen" or "tf" for fc6-fc8; see `layers.Dense`.
 
     Returns:
         A `keras.Model` with layers named conv1..conv5, lrn1, lrn2, pool1, pool2, pool5, fc6, fc7,
@@ -165,8 +167,9 @@ def AlexNet(
         x = keras.layers.Flatten(name="flatten")(x)
         for layer_name, units in zip(("fc6", "fc7"), hidden):
             kernel_init, bias_init = _initializers(init, layer_name)
-            x = keras.layers.Dense(
+            x = Dense(
                 units,
+                implementation=dense_implementation,
                 activation="relu",
                 kernel_initializer=kernel_init,
                 bias_initializer=bias_init,
@@ -176,8 +179,9 @@ def AlexNet(
                 x = keras.layers.Dropout(dropout, name=layer_name.replace("fc", "drop"))(x)
         kernel_init, bias_init = _initializers(init, "fc8")
         policy = keras.config.dtype_policy()
-        x = keras.layers.Dense(
+        x = Dense(
             num_classes,
+            implementation=dense_implementation,
             kernel_initializer=kernel_init,
             bias_initializer=bias_init,
             # float32 logits under mixed precision: softmax/cross-entropy are unstable in float16.

@@ -36,6 +36,8 @@ flags.DEFINE_enum(
 flags.DEFINE_string("lrn", "paper", "LRN preset, or 'none'.")
 flags.DEFINE_enum("lrn_implementation", "auto", ["auto", "fused", "tf"],
                   "LocalResponseNormalization implementation (see alexnet_tf.lrn).")
+flags.DEFINE_enum("dense_implementation", "auto", ["auto", "eigen", "tf"],
+                  "fc6-fc8 matmul (see alexnet_tf.layers.Dense).")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "float16", "bfloat16"], "Keras dtype policy.")
 flags.DEFINE_bool("torch", False, "Also train the same network in PyTorch (CPU) in this run "
                   "(under torch.autocast bfloat16 when --mixed_precision=bfloat16).")
@@ -44,7 +46,7 @@ flags.DEFINE_bool("mirrored", False, "Train under MirroredStrategy over all visi
 FLAGS = flags.FLAGS
 
 
-def build(variant, grouped_conv, lrn, lrn_implementation):
+def build(variant, grouped_conv, lrn, lrn_implementation, dense_implementation="auto"):
     import keras
     import alexnet_tf
     from alexnet_tf.layers import GroupedConv2D
@@ -52,9 +54,11 @@ def build(variant, grouped_conv, lrn, lrn_implementation):
     lrn = None if lrn == "none" else lrn
     if grouped_conv != "keras":
         return alexnet_tf.AlexNet(variant=variant, lrn=lrn, grouped_conv_implementation=grouped_conv,
-                                  lrn_implementation=lrn_implementation)
+                                  lrn_implementation=lrn_implementation,
+                                  dense_implementation=dense_implementation)
     # Naive reference: the same model with every GroupedConv2D replaced by Keras' Conv2D(groups).
-    model = alexnet_tf.AlexNet(variant=variant, lrn=lrn, lrn_implementation=lrn_implementation)
+    model = alexnet_tf.AlexNet(variant=variant, lrn=lrn, lrn_implementation=lrn_implementation,
+                               dense_implementation=dense_implementation)
 
     def clone(layer):
         if isinstance(layer, GroupedConv2D):
@@ -72,7 +76,8 @@ def train_rate(variant, batch_size, jit_compile, strategy):
     import tensorflow as tf
 
     with strategy.scope():
-        model = build(variant, FLAGS.grouped_conv, FLAGS.lrn, FLAGS.lrn_implementation)
+        model = build(variant, FLAGS.grouped_conv, FLAGS.lrn, FLAGS.lrn_implementation,
+                      FLAGS.dense_implementation)
         model.compile(
             optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -123,7 +128,8 @@ def main(argv):
     device = f"{len(gpus)} GPU(s)" if gpus else f"CPU, {os.cpu_count()} cores"
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {device}; "
           f"policy {keras.config.dtype_policy().name}; grouped_conv={FLAGS.grouped_conv} "
-          f"lrn={FLAGS.lrn} ({FLAGS.lrn_implementation})", flush=True)
+          f"lrn={FLAGS.lrn} ({FLAGS.lrn_implementation}) dense={FLAGS.dense_implementation}",
+          flush=True)
     peak = None
     if not gpus:
         # The peak of the dtype the convolutions and matmuls compute in.

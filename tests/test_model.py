@@ -155,3 +155,68 @@ def test_mixed_precision_forward_pass():
 def test_bad_arguments_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AlexNet(**kwargs)
+
+
+def ops_in(fn, *specs):
+    """Op types of the graph `fn` traces for `specs`, nested functions included."""
+    graph = tf.function(fn).get_concrete_function(*specs).graph.as_graph_def()
+    nested = [node for function in graph.library.function for node in function.node_def]
+    return {node.op for node in list(graph.node) + nested}
+
+
+def test_eigen_dense_matches_numpy_forward_and_gradients():
+    from alexnet_tf.layers import Dense
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 300)).astype(np.float32)
+    upstream = rng.normal(size=(5, 70)).astype(np.float32)
+    layer = Dense(70, activation="relu", implementation="eigen", bias_initializer="random_normal")
+    layer.build((None, 300))
+    w, b = (v.numpy().astype(np.float64) for v in (layer.kernel, layer.bias))
+    # Independent reference: y = relu(x w + b); with g the upstream gradient masked by y > 0,
+    # dL/dx = g w^T, dL/dw = x^T g, dL/db = sum_batch g.
+    pre = x.astype(np.float64) @ w + b
+    g = upstream * (pre > 0)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt)
+    dx, dw, db = tape.gradient(y, [xt, layer.kernel, layer.bias], output_gradients=upstream)
+    np.testing.assert_allclose(y.numpy(), np.maximum(pre, 0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx.numpy(), g @ w.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw.numpy(), x.T.astype(np.float64) @ g, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db.numpy(), g.sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_dense_takes_eigen_on_cpu_and_standard_matmul_when_asked():
+    from alexnet_tf.layers import Dense, standard_ops
+
+    spec = tf.TensorSpec([None, 64], tf.float32)
+    auto = Dense(8)  # no GPU on the test machines: "auto" is "eigen"
+    auto.build((None, 64))
+    assert "SparseMatMul" in ops_in(lambda x: auto(x), spec)
+    with standard_ops():
+        standard = ops_in(lambda x: auto(x), spec)
+    assert "SparseMatMul" not in standard and "MatMul" in standard
+    plain = Dense(8, implementation="tf")
+    plain.build((None, 64))
+    assert "SparseMatMul" not in ops_in(lambda x: plain(x), spec)
+
+
+def test_dense_keeps_keras_path_under_mixed_precision():
+    from alexnet_tf.layers import Dense
+
+    layer = Dense(8, implementation="eigen", dtype="mixed_bfloat16")
+    layer.build((None, 64))
+    ops = ops_in(lambda x: layer(x), tf.TensorSpec([None, 64], tf.float32))
+    assert "SparseMatMul" not in ops
+
+
+def test_dense_config_round_trips_and_rejects_unknown_implementation():
+    from alexnet_tf.layers import Dense
+
+    layer = Dense(8, implementation="tf", name="fc")
+    clone = Dense.from_config(layer.get_config())
+    assert clone.implementation == "tf" and clone.units == 8
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        Dense(8, implementation="mkl")

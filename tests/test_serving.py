@@ -65,7 +65,7 @@ def test_serving_default_matches_keras_on_real_jpeg_bytes(exported, model):
     np.testing.assert_allclose(out["scores"].numpy(), np.take_along_axis(expected, top, 1), rtol=1e-4)
 
 
-def test_saved_model_holds_standard_lrn_ops_and_no_xla_functions(exported, model):
+def test_saved_model_holds_standard_ops_only(exported, model):
     from tensorflow.core.protobuf import saved_model_pb2
 
     lrn_layers = [layer for layer in model.layers
@@ -77,8 +77,9 @@ def test_saved_model_holds_standard_lrn_ops_and_no_xla_functions(exported, model
         proto.ParseFromString(f.read())
     functions = proto.meta_graphs[0].graph_def.library.function
     ops = {node.op for function in functions for node in function.node_def}
-    # ...but the export holds TensorFlow's LRN op, which TF Serving runs anywhere.
-    assert "LRN" in ops
+    # ...but the export holds TensorFlow's LRN op, which TF Serving runs anywhere, and plain
+    # MatMul for the dense layers (no SparseMatMul: it has no GPU kernel).
+    assert "LRN" in ops and "MatMul" in ops and "SparseMatMul" not in ops
     assert not [f.signature.name for f in functions if "_XlaMustCompile" in f.attr]
 
 
