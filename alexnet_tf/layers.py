@@ -64,15 +64,19 @@ def eigen_matmul(x, w):
 
 @keras.saving.register_keras_serializable(package="alexnet_tf")
 class Dense(keras.layers.Dense):
-    """`keras.layers.Dense` whose float32 matmul runs on Eigen's CPU GEMM instead of oneDNN's.
+    """`keras.layers.Dense` whose float32 matmul runs on Eigen's CPU GEMM instead of oneDNN's in
+    training.
 
     Same weights, values and gradients (to float32 rounding). Measured on the paper model
-    (batch 32, 2-core CPU, `compile`/`fit`): +3-6% training throughput (BENCHMARKS.md).
+    (batch 32, 2-core CPU, `compile`/`fit`): +3-6% training throughput (BENCHMARKS.md). Not in
+    inference (training=False): there it measured no faster at batch 32 and ~25% slower at
+    batch 1.
 
     Args:
         units, activation, ...: as for `keras.layers.Dense`.
         implementation: "eigen", "tf" (`keras.layers.Dense` as it is) or "auto" ("eigen" when no
-            GPU is visible). "eigen" applies to 2-D float32 inputs only; other dtypes (mixed
+            GPU is visible). "eigen" applies to training calls with 2-D float32 inputs; other
+            dtypes (mixed
             precision computes in bfloat16/float16, where oneDNN is fast), LoRA or quantized
             layers, and anything traced inside `standard_ops()` use Keras' own path.
     """
@@ -92,7 +96,7 @@ class Dense(keras.layers.Dense):
         self._eigen = implementation == "eigen" and hasattr(tf.raw_ops, "SparseMatMul")
 
     def call(self, inputs, training=None):
-        if (not self._eigen or using_standard_ops() or self.compute_dtype != "float32"
+        if (not training or not self._eigen or using_standard_ops() or self.compute_dtype != "float32"
                 or inputs.shape.rank != 2 or getattr(self, "lora_enabled", False)
                 or getattr(self, "quantization_mode", None) is not None):
             return super().call(inputs, training=training)

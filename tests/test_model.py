@@ -180,7 +180,7 @@ def test_eigen_dense_matches_numpy_forward_and_gradients():
     xt = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(xt)
-        y = layer(xt)
+        y = layer(xt, training=True)
     dx, dw, db = tape.gradient(y, [xt, layer.kernel, layer.bias], output_gradients=upstream)
     np.testing.assert_allclose(y.numpy(), np.maximum(pre, 0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dx.numpy(), g @ w.T, rtol=1e-4, atol=1e-4)
@@ -188,19 +188,21 @@ def test_eigen_dense_matches_numpy_forward_and_gradients():
     np.testing.assert_allclose(db.numpy(), g.sum(0), rtol=1e-4, atol=1e-4)
 
 
-def test_dense_takes_eigen_on_cpu_and_standard_matmul_when_asked():
+def test_dense_trains_on_eigen_on_cpu_and_uses_standard_matmul_otherwise():
     from alexnet_tf.layers import Dense, standard_ops
 
     spec = tf.TensorSpec([None, 64], tf.float32)
     auto = Dense(8)  # no GPU on the test machines: "auto" is "eigen"
     auto.build((None, 64))
-    assert "SparseMatMul" in ops_in(lambda x: auto(x), spec)
+    assert "SparseMatMul" in ops_in(lambda x: auto(x, training=True), spec)
+    inference = ops_in(lambda x: auto(x, training=False), spec)
+    assert "SparseMatMul" not in inference and "MatMul" in inference
     with standard_ops():
-        standard = ops_in(lambda x: auto(x), spec)
+        standard = ops_in(lambda x: auto(x, training=True), spec)
     assert "SparseMatMul" not in standard and "MatMul" in standard
     plain = Dense(8, implementation="tf")
     plain.build((None, 64))
-    assert "SparseMatMul" not in ops_in(lambda x: plain(x), spec)
+    assert "SparseMatMul" not in ops_in(lambda x: plain(x, training=True), spec)
 
 
 def test_dense_keeps_keras_path_under_mixed_precision():
@@ -208,7 +210,7 @@ def test_dense_keeps_keras_path_under_mixed_precision():
 
     layer = Dense(8, implementation="eigen", dtype="mixed_bfloat16")
     layer.build((None, 64))
-    ops = ops_in(lambda x: layer(x), tf.TensorSpec([None, 64], tf.float32))
+    ops = ops_in(lambda x: layer(x, training=True), tf.TensorSpec([None, 64], tf.float32))
     assert "SparseMatMul" not in ops
 
 
