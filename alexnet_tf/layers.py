@@ -76,9 +76,8 @@ class Dense(keras.layers.Dense):
         units, activation, ...: as for `keras.layers.Dense`.
         implementation: "eigen", "tf" (`keras.layers.Dense` as it is) or "auto" ("eigen" when no
             GPU is visible). "eigen" applies to training calls with 2-D float32 inputs; other
-            dtypes (mixed
-            precision computes in bfloat16/float16, where oneDNN is fast), LoRA or quantized
-            layers, and anything traced inside `standard_ops()` use Keras' own path.
+            dtypes (mixed precision computes in bfloat16/float16, where oneDNN is fast), LoRA or
+            quantized layers, and anything traced inside `standard_ops()` use Keras' own path.
     """
 
     def __init__(self, units, implementation="auto", **kwargs):
@@ -96,8 +95,9 @@ class Dense(keras.layers.Dense):
         self._eigen = implementation == "eigen" and hasattr(tf.raw_ops, "SparseMatMul")
 
     def call(self, inputs, training=None):
-        if (not training or not self._eigen or using_standard_ops() or self.compute_dtype != "float32"
-                or inputs.shape.rank != 2 or getattr(self, "lora_enabled", False)
+        if (not training or not self._eigen or using_standard_ops()
+                or self.compute_dtype != "float32" or inputs.shape.rank != 2
+                or getattr(self, "lora_enabled", False)
                 or getattr(self, "quantization_mode", None) is not None):
             return super().call(inputs, training=training)
         x = eigen_matmul(inputs, tf.convert_to_tensor(self.kernel))

@@ -12,7 +12,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from alexnet_tf import lrn, preprocessing
+from alexnet_tf import preprocessing
+from alexnet_tf.layers import standard_ops
 
 
 class ExportError(RuntimeError):
@@ -79,8 +80,9 @@ def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    # Traced with TensorFlow's own LRN op, not the XLA-fused CPU one: standard ops only.
-    with lrn.standard_ops():
+    # Traced with TensorFlow's own LRN and MatMul ops, not the CPU-only fast paths the layers take
+    # in this process (XLA-fused LRN, Eigen's SparseMatMul): standard ops only.
+    with standard_ops():
         archive.add_endpoint(
             "serving_default", serve_bytes,
             input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
@@ -123,7 +125,9 @@ def export_saved_model(model, export_dir, class_names, config, version=None, ten
     archive = build_export_archive(model, class_names, config, ten_crop=ten_crop, top_k=top_k)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
     try:
-        with lrn.standard_ops():
+        # Saving traces the tracked model's functions again (without this, the test for
+        # standard ops finds XLA-compiled ones).
+        with standard_ops():
             archive.write_out(tmp, verbose=False)
         # Also readable without TensorFlow; TF Serving leaves assets.extra/ to its users.
         os.makedirs(os.path.join(tmp, "assets.extra"))

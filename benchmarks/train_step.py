@@ -71,7 +71,7 @@ def build(variant, grouped_conv, lrn, lrn_implementation, dense_implementation="
 
 
 def train_rate(variant, batch_size, jit_compile, strategy):
-    """(images/s, ms/step, training FLOPs per image) of compile/fit on synthetic data."""
+    """(images/s, training FLOPs per image) of compile/fit on synthetic data."""
     import keras
     import tensorflow as tf
 
@@ -97,7 +97,7 @@ def train_rate(variant, batch_size, jit_compile, strategy):
     model.fit(data, steps_per_epoch=FLAGS.warmup_steps + FLAGS.steps, epochs=1, verbose=0,
               callbacks=[clock])
     elapsed = clock.end - clock.start
-    return FLAGS.steps * batch_size / elapsed, elapsed / FLAGS.steps * 1000, common.training_flops(model)
+    return FLAGS.steps * batch_size / elapsed, common.training_flops(model)
 
 
 def step_clock(warmup_steps):
@@ -163,7 +163,7 @@ def row(variant, batch_size, jit, strategy, peak):
     threads = FLAGS.threads or os.cpu_count()
     rates, torch_rates = [], {lrn: [] for lrn in torch_lrn}
     for _ in range(FLAGS.repeats):
-        rate, _, flops = train_rate(variant, batch_size, jit, strategy)
+        rate, flops = train_rate(variant, batch_size, jit, strategy)
         rates.append(rate)
         for lrn in torch_lrn:
             torch_rates[lrn].append(common.torch_train_rate(
@@ -185,6 +185,7 @@ def row(variant, batch_size, jit, strategy, peak):
             spread = (f" ({ratios.min():.2f}-{ratios.max():.2f})" if len(ratios) > 1 else "")
             text += f" {torch_rate:.1f} | {np.median(ratios):.2f}x{spread} |"
     return text
+
 
 if __name__ == "__main__":
     app.run(main)
