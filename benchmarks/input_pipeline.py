@@ -1,7 +1,8 @@
 """Input pipeline throughput on ImageNet-sized JPEGs made from real photographs.
 
 Writes a folder tree of ~500x375, ~100 KB JPEGs re-encoded from scikit-image's sample photographs
-(several sizes and crops), then measures images/s (total and per core) of:
+(several sizes and crops), then measures images/s (total and per core) and the process's CPU time
+per image of:
   decode-only   read + tf.io.decode_jpeg (libjpeg-turbo: the ceiling)
   decode+resize read + decode + one bilinear resize to the crop size: the ceiling of any
                 pipeline that resamples each image on the fly (the paper's scheme does)
@@ -11,7 +12,7 @@ Writes a folder tree of ~500x375, ~100 KB JPEGs re-encoded from scikit-image's s
   eval          make_dataset(training=False): decode, shorter side 256, centre crop
 Example:
     pip install scikit-image && python benchmarks/input_pipeline.py --images=600
-    python benchmarks/input_pipeline.py --images=600 --ablation   # the crop stage alone
+    python benchmarks/input_pipeline.py --images=600 --ablation   # what each stage costs
 """
 
 import os
@@ -26,9 +27,10 @@ flags.DEFINE_integer("batches", 30, "Timed batches per measurement, after the fi
                      "are repeated as often as needed).")
 flags.DEFINE_integer("repeats", 3, "Measurements of each pipeline, interleaved; the median is "
                      "reported (this machine's speed drifts by up to ~1.6x within minutes).")
-flags.DEFINE_bool("ablation", False, "Also measure the training pipeline's crop stage alone: "
-                  "a fixed window decoded and resized, and preprocessing.paper_crop's random "
-                  "window, neither augmented nor filtered.")
+flags.DEFINE_bool("ablation", False, "Also measure parts of the training pipeline: tf.data's "
+                  "own cost per image (read, JPEG header, batch), decoding paper_crop's random "
+                  "window without resizing it, and paper_crop (window decode + resize), neither "
+                  "augmented nor filtered.")
 flags.DEFINE_string("dir", None, "Where to write the files (default: a temporary directory).")
 FLAGS = flags.FLAGS
 
@@ -64,8 +66,9 @@ def make_jpegs(root, count):
 
 
 def measure(ds, batch_size):
-    """Steady-state images/s of a repeating pipeline: FLAGS.batches batches timed on one iterator,
-    after its first batch.
+    """Steady-state (images/s, CPU ms per image) of a repeating pipeline: FLAGS.batches batches
+    timed on one iterator, after its first batch. CPU time is the whole process's (all threads):
+    with every core busy it is what each image costs, whatever the machine's speed of the moment.
 
     One iterator per measurement, as in a training epoch: a new iterator pays start-up costs
     (threads, the first batch, instantiating each stage's functions) that passes over a few
@@ -78,10 +81,12 @@ def measure(ds, batch_size):
     options.autotune.enabled = False
     iterator = iter(ds.with_options(options))
     next(iterator)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(FLAGS.batches):
         next(iterator)
-    return FLAGS.batches * batch_size / (time.perf_counter() - start)
+    images = FLAGS.batches * batch_size
+    return (images / (time.perf_counter() - start),
+            1000 * (time.process_time() - cpu_start) / images)
 
 
 def main(argv):
@@ -133,26 +138,36 @@ def main(argv):
         seeds = tf.data.Dataset.random(seed=0, rerandomize_each_iteration=True).batch(2)
         encoded = tf.data.Dataset.zip(paths.map(tf.io.read_file, num_parallel_calls=autotune),
                                       seeds)
-        # A window every file has (all are at least 375 on each side), 332 = what paper_crop
-        # cuts from a 375-pixel shorter side.
-        fixed = encoded.map(lambda x, s: tf.image.resize(
-            tf.image.decode_and_crop_jpeg(x, [20, 30, 332, 332], channels=3),
-            [config.image_size, config.image_size]), num_parallel_calls=autotune)
+
+        def window_decode(x, s):
+            # Where the window lies matters: rows below it are never decoded, rows above it are
+            # Huffman-decoded and skipped (a window at the top of the image decodes faster).
+            window = preprocessing.paper_window(tf.io.extract_jpeg_shape(x)[:2], s, config)
+            return tf.shape(tf.image.decode_and_crop_jpeg(x, tf.stack(window), channels=3))
+
+        floor = paths.map(lambda p: tf.io.extract_jpeg_shape(tf.io.read_file(p)),
+                          num_parallel_calls=autotune)
+        window = encoded.map(window_decode, num_parallel_calls=autotune)
         paper = encoded.map(lambda x, s: preprocessing.paper_crop(x, s, config, jpeg=True),
                             num_parallel_calls=autotune)
-        pipelines += [("crop: fixed window + resize", fixed.batch(FLAGS.batch_size)),
-                      ("crop: paper_crop", paper.batch(FLAGS.batch_size))]
+        pipelines += [("ablation: read + JPEG header + batch", floor.batch(FLAGS.batch_size)),
+                      ("ablation: decode paper_crop's window", window.batch(FLAGS.batch_size)),
+                      ("ablation: paper_crop (window decode + resize)",
+                       paper.batch(FLAGS.batch_size))]
     rates = {name: [] for name, _ in pipelines}
     for repeat in range(FLAGS.repeats):
         for name, ds in pipelines:
             rates[name].append(measure(ds, FLAGS.batch_size))
-        print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()),
-              flush=True)
-    median = {name: float(np.median(v)) for name, v in rates.items()}
-    print("| pipeline | img/s (median) | img/s/core | vs decode-only |")
-    print("|---|---|---|---|")
+        print(f"repeat {repeat + 1}: " + ", ".join(
+            f"{k} {v[-1][0]:.0f} img/s {v[-1][1]:.2f} ms" for k, v in rates.items()), flush=True)
+    median = {name: float(np.median([r for r, _ in v])) for name, v in rates.items()}
+    cpu = {name: float(np.median([c for _, c in v])) for name, v in rates.items()}
+    print("| pipeline | img/s (median) | img/s/core | vs decode-only | CPU ms/img (median) "
+          "| decode-only's CPU time / this |")
+    print("|---|---|---|---|---|---|")
     for name, rate in median.items():
-        print(f"| {name} | {rate:.0f} | {rate / cores:.0f} | {rate / median['decode-only']:.0%} |")
+        print(f"| {name} | {rate:.0f} | {rate / cores:.0f} | {rate / median['decode-only']:.0%} "
+              f"| {cpu[name]:.2f} | {cpu['decode-only'] / cpu[name]:.0%} |")
 
 
 if __name__ == "__main__":
