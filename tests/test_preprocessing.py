@@ -52,6 +52,32 @@ def test_paper_crop_is_a_window_of_the_central_square(mode, fmt):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(375, 500), (500, 375)])
+def test_paper_window_lies_in_the_central_square_and_covers_it(mode, shape):
+    side = int(np.round(min(shape) * 227 / 256))  # 333: the 227 crop of the 256 rescale
+    slack = min(shape) - side
+    square = ((shape[0] - min(shape)) // 2, (shape[1] - min(shape)) // 2)
+
+    def window(i):
+        return tf.stack(preprocessing.paper_window(tf.constant(shape), tf.stack([i, 7]), PHOTO))
+
+    seeds = tf.range(2000)
+    if mode == "eager":
+        windows = np.stack([window(i).numpy() for i in seeds])
+    else:
+        windows = next(iter(tf.data.Dataset.from_tensor_slices(seeds).map(window).batch(2000)))
+    windows = np.asarray(windows)
+    assert (windows[:, 2:] == side).all()
+    dy, dx = windows[:, 0] - square[0], windows[:, 1] - square[1]
+    assert (0 <= dy).all() and (dy <= slack).all() and (0 <= dx).all() and (dx <= slack).all()
+    # Random in both directions over the whole slack: ~1,220 of the 43 x 43 positions expected
+    # in 2,000 uniform draws, both ends of each range reached.
+    assert len(set(zip(dy, dx))) > 1000
+    for offsets in (dy, dx):
+        assert offsets.min() == 0 and offsets.max() == slack
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_jpeg_path_without_the_branch_gives_the_same_crops(mode):
     encoded = encode(smooth_image(300, 400, seed=7), "jpeg")
     for crop in (preprocessing.paper_crop, preprocessing.inception_crop):
