@@ -128,23 +128,23 @@ def _window_resized(image, window_fn, config, jpeg=False):
     (bytes known to be JPEG) takes the JPEG path with no branch at all.
     """
     image = tf.convert_to_tensor(image)
-    size = [config.image_size, config.image_size]
+
+    def resized(window):
+        # float32 in: same values as resizing a uint8 window, ~0.1 ms (7% of a decode) cheaper
+        # per image, as TensorFlow's bilinear kernel converts each of its four taps per output.
+        return tf.image.resize(tf.cast(window, tf.float32), [config.image_size] * 2)
 
     def from_pixels(pixels):
         top, left, height, width = window_fn(tf.shape(pixels)[:2])
-        window = pixels[top : top + height, left : left + width]
-        return tf.image.resize(tf.cast(window, tf.float32), size)
+        return resized(pixels[top : top + height, left : left + width])
 
     if not is_encoded(image):
         return from_pixels(image)
 
     def jpeg_window():
         top, left, height, width = window_fn(tf.io.extract_jpeg_shape(image)[:2])
-        window = tf.image.decode_and_crop_jpeg(
-            image, tf.stack([top, left, height, width]), channels=config.channels)
-        # Same values as resizing the uint8 window, ~0.1 ms (7% of a decode) cheaper per image:
-        # TensorFlow's bilinear kernel converts each of its four taps per output value.
-        return tf.image.resize(tf.cast(window, tf.float32), size)
+        return resized(tf.image.decode_and_crop_jpeg(
+            image, tf.stack([top, left, height, width]), channels=config.channels))
 
     if jpeg:
         return jpeg_window()
