@@ -1,13 +1,13 @@
 """Layers that keep AlexNet on TensorFlow's fast kernels: grouped convolution and dense layers.
 
 Keras 3's `Conv2D(groups>1)` on the TensorFlow backend wraps the convolution in an XLA-compiled
-function on CPU, which measured about 8x slower (forward+backward) than a plain convolution of
-the same size on a 2-core machine. `tf.nn.conv2d` accepts grouped filters directly (the input
-has `groups` times the filter's input channels) and runs on oneDNN / cuDNN without XLA.
+function on CPU, several times slower than plain convolutions of the same size. `GroupedConv2D`
+computes the groups as the paper's towers of plain convolutions instead, which every TensorFlow
+CPU and GPU kernel runs.
 
 On CPU, oneDNN's float32 GEMM is slow for the fully connected layers' short, wide products at
-small batches (fc6 at batch 32: 45 ms forward where reading its weights takes 10 ms); Eigen's
-takes 30 ms. `Dense` routes them there.
+small batches, and Eigen's is faster: `Dense` routes them there in training. BENCHMARKS.md has
+the measurements behind both.
 """
 
 import contextlib
@@ -16,7 +16,7 @@ import threading
 import keras
 import tensorflow as tf
 
-IMPLEMENTATIONS = ("native", "split")
+IMPLEMENTATIONS = ("split", "native")
 DENSE_IMPLEMENTATIONS = ("auto", "eigen", "tf")
 
 _state = threading.local()
@@ -37,6 +37,14 @@ def standard_ops():
         yield
     finally:
         _state.standard = previous
+
+
+def onednn_enabled():
+    """Whether this TensorFlow process runs its oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS, or
+    TensorFlow's default for this CPU, read once when TensorFlow starts)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def using_standard_ops():
@@ -115,7 +123,8 @@ class Dense(keras.layers.Dense):
 
 @keras.saving.register_keras_serializable(package="alexnet_tf")
 class GroupedConv2D(keras.layers.Conv2D):
-    """A `keras.layers.Conv2D` with `groups` computed by `tf.nn.conv2d` instead of Keras' XLA path.
+    """A `keras.layers.Conv2D` with `groups`, computed as the paper's towers instead of Keras'
+    XLA path.
 
     Weights have the same shape and meaning as `keras.layers.Conv2D(groups=...)`:
     kernel `[kh, kw, in_channels // groups, filters]`; output channels `[g * filters // groups,
@@ -124,8 +133,12 @@ class GroupedConv2D(keras.layers.Conv2D):
     Args:
         filters, kernel_size, strides, padding, groups, ...: as for `keras.layers.Conv2D`
             (channels_last only).
-        implementation: "native" passes the grouped kernel to one `tf.nn.conv2d`; "split" runs one
-            `tf.nn.conv2d` per group and concatenates (the original two-GPU towers).
+        implementation: "split" (the default) runs each group as a whole ungrouped layer (conv,
+            bias, activation) and concatenates: the original two-GPU towers, on TensorFlow's
+            ordinary kernels everywhere. "native" passes the grouped kernel to one
+            `tf.nn.conv2d`; only TensorFlow's oneDNN and GPU kernels run that once Grappler
+            fuses it with its bias and ReLU (tensorflow#53631), so it refuses to build on a CPU
+            without oneDNN. BENCHMARKS.md compares the two.
 
     Example:
         >>> conv = GroupedConv2D(256, 5, padding="same", groups=2, name="conv2")
@@ -133,7 +146,7 @@ class GroupedConv2D(keras.layers.Conv2D):
         TensorShape([1, 27, 27, 256])
     """
 
-    def __init__(self, *args, implementation="native", **kwargs):
+    def __init__(self, *args, implementation="split", **kwargs):
         super().__init__(*args, **kwargs)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(
@@ -143,16 +156,45 @@ class GroupedConv2D(keras.layers.Conv2D):
             raise ValueError("GroupedConv2D supports data_format='channels_last' only")
         self.implementation = implementation
 
+    def build(self, input_shape):
+        if (self.implementation == "native" and self.groups > 1 and not onednn_enabled()
+                and not tf.config.list_physical_devices("GPU")):
+            raise ValueError(
+                f"{self.name}: implementation='native' needs TensorFlow's oneDNN CPU kernels "
+                "(TF_ENABLE_ONEDNN_OPTS=1) or a GPU: the plain CPU kernel rejects fused grouped "
+                "convolutions (tensorflow#53631); use implementation='split'")
+        super().build(input_shape)
+
+    def _conv(self, inputs, kernel):
+        return tf.nn.conv2d(inputs, kernel, strides=[1, *self.strides, 1],
+                            padding=self.padding.upper(), dilations=[1, *self.dilation_rate, 1])
+
     def convolution_op(self, inputs, kernel):
-        conv_kwargs = dict(
-            strides=[1, *self.strides, 1],
-            padding=self.padding.upper(),
-            dilations=[1, *self.dilation_rate, 1],
-        )
+        """The convolution alone (no bias, no activation): grouped kernel or concatenated towers."""
         if self.groups == 1 or self.implementation == "native":
-            return tf.nn.conv2d(inputs, kernel, **conv_kwargs)
+            return self._conv(inputs, kernel)
         towers = zip(tf.split(inputs, self.groups, axis=-1), tf.split(kernel, self.groups, axis=-1))
-        return tf.concat([tf.nn.conv2d(x, k, **conv_kwargs) for x, k in towers], axis=-1)
+        return tf.concat([self._conv(x, k) for x, k in towers], axis=-1)
+
+    def call(self, inputs):
+        if self.groups == 1 or self.implementation == "native":
+            return super().call(inputs)
+        # Each tower is a whole ungrouped layer (conv, bias, activation) and the towers meet only
+        # at the concat, as on the paper's two GPUs. Grappler fuses each tower's conv + bias +
+        # ReLU into an ungrouped _FusedConv2D, which every CPU kernel supports.
+        kernel = tf.cast(self.kernel, self.compute_dtype)
+        biases = (tf.split(tf.cast(self.bias, self.compute_dtype), self.groups)
+                  if self.use_bias else [None] * self.groups)
+        outputs = []
+        for x, k, b in zip(tf.split(inputs, self.groups, axis=-1),
+                           tf.split(kernel, self.groups, axis=-1), biases):
+            y = self._conv(x, k)
+            if b is not None:
+                y = tf.nn.bias_add(y, b)
+            if self.activation is not None:
+                y = self.activation(y)
+            outputs.append(y)
+        return tf.concat(outputs, axis=-1)
 
     def get_config(self):
         config = super().get_config()

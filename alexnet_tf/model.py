@@ -44,7 +44,7 @@ def AlexNet(
     dropout=0.5,
     include_top=True,
     name=None,
-    grouped_conv_implementation="native",
+    grouped_conv_implementation="split",
     lrn_implementation="auto",
     dense_implementation="auto",
 ):
@@ -71,7 +71,8 @@ def AlexNet(
         dropout: dropout rate before fc7 and fc8 (paper §4.2: 0.5); 0 disables it.
         include_top: False returns the convolutional feature extractor (output of pool5).
         name: model name; defaults to "alexnet_<variant>".
-        grouped_conv_implementation: "native" or "split"; see `GroupedConv2D`.
+        grouped_conv_implementation: "split" (the towers, runs everywhere) or "native" (one
+            grouped convolution: oneDNN or GPU only); see `GroupedConv2D`.
         lrn_implementation: "auto", "fused" or "tf"; see `LocalResponseNormalization`.
         dense_implementation: "auto", "eigen" or "tf" for fc6-fc8; see `layers.Dense`.
 
