@@ -79,7 +79,9 @@ def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
         return _classify(model, images, names, top_k, ten_crop)
 
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    # No archive.track(model): the endpoints' variables are saved anyway, and tracking the model
+    # as well stores every weight a second time (Keras 3.15 saves the Keras variables it tracks
+    # and the TensorFlow variables the endpoints capture as separate objects).
     # Traced with TensorFlow's own LRN and MatMul ops, not the CPU-only fast paths the layers take
     # in this process (XLA-fused LRN, Eigen's SparseMatMul): standard ops only.
     with standard_ops():
