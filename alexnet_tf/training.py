@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from alexnet_tf import data, model as model_lib, preprocessing, weights
+from alexnet_tf import data, keras_compat, layers, model as model_lib, preprocessing, weights
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device", "tpu")
 SCHEDULES = ("plateau", "step", "cosine", "constant")
@@ -348,38 +348,11 @@ def _preprocess_config(config, info, workdir):
     return pre
 
 
-def _build_before_fit(model, strategy, num_classes):
-    """Builds metrics and optimizer state from a dummy batch, so fit() never has to.
-
-    Keras 3.15's fit() and evaluate() otherwise pull one batch from a fresh iterator to build,
-    and leave that iterator half-read: a cached dataset then blocks the next iterator until
-    garbage collection frees the first (validation stalled for minutes between epochs). Under
-    MultiWorkerMirroredStrategy the same step also fails outright (tensorflow#72388).
-    """
-    shape = model.input_shape[1:]
-    batch = (tf.zeros([strategy.num_replicas_in_sync, *shape]),
-             tf.zeros([strategy.num_replicas_in_sync], tf.int32) % num_classes)
-    with strategy.scope():
-        model._symbolic_build(data_batch=batch)
-    model._maybe_symbolic_build = lambda *args, **kwargs: None
-
-
-def _work_around_keras_multi_worker_reduce():
-    """Keras 3.15 reduces each step's scalar metrics across workers with
-    `strategy.reduce("MEAN", v, axis=0)`, which fails for scalars (tensorflow#72388); reduce
-    them with axis=None instead."""
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    original = getattr(tf_trainer.reduce_per_replica, "original", tf_trainer.reduce_per_replica)
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction in ("auto", "mean") and isinstance(
-                strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
-        return original(values, strategy, reduction)
-
-    reduce_per_replica.original = original
-    tf_trainer.reduce_per_replica = reduce_per_replica
+def _dummy_batch(model, strategy, num_classes):
+    """One global batch of zeros of the model's input shape (for building before fit)."""
+    replicas = strategy.num_replicas_in_sync
+    return (tf.zeros([replicas, *model.input_shape[1:]]),
+            tf.zeros([replicas], tf.int32) % num_classes)
 
 
 def build_model(config, num_classes, image_size, channels):
@@ -496,13 +469,11 @@ def train_and_evaluate(config, workdir):
             ],
             jit_compile=config.jit_compile,
         )
-    _build_before_fit(model, strategy, num_classes)
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        _work_around_keras_multi_worker_reduce()
     if chief:
-        logging.info("Model %s: %s parameters, %d classes, input %s, %d replica(s)",
-                     model.name, f"{model.count_params():,}", num_classes,
-                     (pre.image_size, pre.image_size, pre.channels), replicas)
+        logging.info("Model %s: %s parameters, %d classes, input %s, %d replica(s), "
+                     "oneDNN CPU kernels %s", model.name, f"{model.count_params():,}",
+                     num_classes, (pre.image_size, pre.image_size, pre.channels), replicas,
+                     "on" if layers.onednn_enabled() else "off")
         # A separate pipeline: a half-read iterator of train_ds would block its cache.
         _write_image_grid(task_dir, dataset("train", True)[0], pre)
 
@@ -527,7 +498,9 @@ def train_and_evaluate(config, workdir):
                                             config.max_lr_drops,
                                             state_path=os.path.join(task_dir, "plateau.json")))
     start = time.perf_counter()
-    with _validation_runs_out_quietly():
+    work_arounds = keras_compat.fit_work_arounds(
+        model, strategy, _dummy_batch(model, strategy, num_classes))
+    with work_arounds, _validation_runs_out_quietly():
         model.fit(
             train_ds,
             epochs=config.epochs,
@@ -539,14 +512,12 @@ def train_and_evaluate(config, workdir):
             # A progress bar on a terminal; in logs EpochReport's one line per epoch is enough.
             verbose=1 if os.isatty(1) else 0,
         )
-    if stop_on_nan.bad_step is not None:
-        epoch, batch, step = stop_on_nan.bad_step
-        raise TrainingError(
-            f"loss became NaN/inf at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
-            "lower --learning_rate or check the data")
-    train_seconds = time.perf_counter() - start
-
-    with _validation_runs_out_quietly():
+        train_seconds = time.perf_counter() - start
+        if stop_on_nan.bad_step is not None:
+            epoch, batch, step = stop_on_nan.bad_step
+            raise TrainingError(
+                f"loss became NaN/inf at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
+                "lower --learning_rate or check the data")
         results = model.evaluate(val_ds, steps=config.eval_steps, return_dict=True, verbose=0)
     results = {k: float(v) for k, v in results.items()}
     results["top1_error"], results["top5_error"] = 1 - results["top1"], 1 - results["top5"]

@@ -1,0 +1,85 @@
+"""Work-arounds for two Keras bugs that reach into Keras internals, applied around `fit` and
+`evaluate` and undone afterwards.
+
+Checked with Keras 3.13, 3.14 and 3.15 (TensorFlow backend). Each work-around first checks that
+the internal it relies on is there, and fails with `KerasCompatibilityError`, naming the Keras
+version, when a release has renamed it: a work-around that silently stopped working would bring
+its bug back unnoticed.
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+CHECKED_KERAS_VERSIONS = "3.13-3.15"
+
+
+class KerasCompatibilityError(RuntimeError):
+    """This Keras release lacks an internal that a work-around needs; one-line message."""
+
+
+def _require(owner, name, purpose):
+    if not hasattr(owner, name):
+        raise KerasCompatibilityError(
+            f"Keras {keras.__version__} has no {name} (needed to {purpose}); alexnet_tf was "
+            f"checked with Keras {CHECKED_KERAS_VERSIONS}: install one of those")
+    return getattr(owner, name)
+
+
+@contextlib.contextmanager
+def built_before_fit(model, strategy, data_batch):
+    """Builds the compiled metrics, loss and optimizer state from `data_batch` before `fit`.
+
+    Under a tf.distribute strategy, Keras' `fit` and `evaluate` build them from one batch pulled
+    from a fresh iterator of the dataset (keras-team/keras#20394), and leave that iterator
+    half-read: a cached dataset then blocks the next iterator until garbage collection frees the
+    first (validation stalled for minutes between epochs). Under MultiWorkerMirroredStrategy the
+    same step fails outright (tensorflow#72388). Inside this context, `fit` and `evaluate` find
+    everything built and pull nothing.
+    """
+    symbolic_build = _require(model, "_symbolic_build", "build the model before fit")
+    _require(model, "_maybe_symbolic_build", "stop fit from building it again")
+    with strategy.scope():
+        symbolic_build(data_batch=data_batch)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model._maybe_symbolic_build  # the class's method again
+
+
+@contextlib.contextmanager
+def scalar_metrics_across_workers(strategy):
+    """Reduces each step's scalar metrics across workers with `axis=None`.
+
+    Keras' TensorFlow trainer reduces them with `strategy.reduce("MEAN", v, axis=0)`, which fails
+    for scalars under MultiWorkerMirroredStrategy (tensorflow#72388). A no-op for other
+    strategies.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        yield
+        return
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = _require(tf_trainer, "reduce_per_replica",
+                        "reduce scalar metrics across workers")
+
+    def reduce_per_replica(values, strategy_, reduction):
+        if reduction in ("auto", "mean") and isinstance(
+                strategy_, tf.distribute.MultiWorkerMirroredStrategy):
+            return tf.nest.map_structure(lambda v: strategy_.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy_, reduction)
+
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    try:
+        yield
+    finally:
+        tf_trainer.reduce_per_replica = original
+
+
+@contextlib.contextmanager
+def fit_work_arounds(model, strategy, data_batch):
+    """Both work-arounds, for the duration of a run's `fit` and `evaluate` calls."""
+    with built_before_fit(model, strategy, data_batch), scalar_metrics_across_workers(strategy):
+        yield
