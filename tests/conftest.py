@@ -13,3 +13,17 @@ def _seed_and_policy():
     keras.utils.set_random_seed(1234)
     yield
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The workdir of one finished one-epoch run of the small model, trained once per session and
+    shared by the tests that export, draw or fine-tune from a run (they add files to it, never
+    change the run's own)."""
+    from alexnet_tf import training
+    from tests.helpers import tiny_config
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    workdir = str(root / "run")
+    training.train_and_evaluate(tiny_config(root), workdir)
+    return workdir

@@ -1,11 +1,16 @@
 """Small real files written by the tests themselves: images, folder trees, TFRecords, IDX."""
 
+import csv
 import gzip
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smooth_image(height, width, seed=0, channels=3):
@@ -53,3 +58,38 @@ def write_idx(directory, split_prefix, images, labels):
         f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, n, h, w) + images.astype(np.uint8).tobytes())
     with gzip.open(os.path.join(directory, f"{split_prefix}-labels-idx1-ubyte.gz"), "wb") as f:
         f.write(struct.pack(">BBBBI", 0, 0, 8, 1, n) + labels.astype(np.uint8).tobytes())
+
+
+def tiny_idx(tmp_path, n=256):
+    """Tiny Fashion-MNIST-format IDX files with a learnable pattern (class = bright stripe row)."""
+    directory = tmp_path / "idx"
+    if not directory.exists():
+        rng = np.random.default_rng(0)
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, label in enumerate(labels):
+            images[i, 2 + 2 * label : 4 + 2 * label] = 250
+        write_idx(directory, "train", images, labels)
+        write_idx(directory, "t10k", images[:64], labels[:64])
+    return f"fashion_mnist:{directory}"
+
+
+def tiny_config(tmp_path, **overrides):
+    fields = dict(dataset=tiny_idx(tmp_path), variant="cifar", lrn="tf_cifar10", init="keras",
+                  batch_size=32, epochs=1, steps_per_epoch=2, eval_steps=1,
+                  learning_rate=0.01, schedule="constant", seed=1)
+    fields.update(overrides)
+    from alexnet_tf import training
+
+    return training.TrainConfig(**fields)
+
+
+def run_train(args, cwd, env=None, **kwargs):
+    env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, env=env, **kwargs)
+
+
+def history(workdir):
+    with open(os.path.join(workdir, "history.csv")) as f:
+        return list(csv.DictReader(f))

@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "colab_quickstart.ipynb")
 
 
+@pytest.mark.slow
 def test_colab_quickstart_runs(tmp_path, monkeypatch):
     if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
         pytest.skip("needs Debian's dataset-fashion-mnist (the notebook would download)")

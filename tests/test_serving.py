@@ -83,6 +83,13 @@ def test_saved_model_holds_standard_ops_only(exported, model):
     assert not [f.signature.name for f in functions if "_XlaMustCompile" in f.attr]
 
 
+def test_export_holds_each_weight_once(exported, model):
+    variables = os.path.join(exported[0], "variables")
+    stored = sum(os.path.getsize(os.path.join(variables, f)) for f in os.listdir(variables))
+    weight_bytes = sum(np.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights)
+    assert weight_bytes <= stored <= 1.1 * weight_bytes
+
+
 def test_predict_images_matches_serving_default(exported):
     _, loaded = exported
     data = jpegs(2)
@@ -106,6 +113,7 @@ def test_wrong_dtype_or_rank_is_rejected_by_the_signature(exported):
         loaded.signatures["predict_images"](images=tf.zeros([8, 8, 3]))
 
 
+@pytest.mark.slow
 def test_saved_model_cli_lists_both_signatures(exported):
     path, _ = exported
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -137,6 +145,7 @@ def test_predict_request_proto_matches_the_signature(exported, model):
     np.testing.assert_allclose(out["probabilities"].numpy(), keras_reference(model, data), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ten_crop_export_averages_the_ten_views(model, tmp_path):
     path = serving.export_saved_model(model, str(tmp_path / "m"), CLASSES, CONFIG, ten_crop=True)
     loaded = tf.saved_model.load(path)
@@ -147,6 +156,7 @@ def test_ten_crop_export_averages_the_ten_views(model, tmp_path):
     np.testing.assert_allclose(out.numpy(), np.stack(expected), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_existing_version_is_not_overwritten(model, tmp_path):
     base = str(tmp_path / "m")
     serving.export_saved_model(model, base, CLASSES, CONFIG, version=3)
@@ -156,6 +166,7 @@ def test_existing_version_is_not_overwritten(model, tmp_path):
     assert serving.next_version(base) == 4
 
 
+@pytest.mark.slow
 def test_interrupted_export_leaves_no_visible_version(model, tmp_path, monkeypatch):
     base = tmp_path / "m"
     written = []
@@ -171,10 +182,9 @@ def test_interrupted_export_leaves_no_visible_version(model, tmp_path, monkeypat
     assert os.listdir(base) == []  # no version, and the partial directory is gone
 
 
-def test_export_cli_on_a_trained_run(tmp_path):
-    from tests.test_training import tiny_run
-
-    workdir = tiny_run(tmp_path)
+@pytest.mark.slow
+def test_export_cli_on_a_trained_run(tiny_run, tmp_path):
+    workdir = tiny_run
     base = tmp_path / "exports" / "alexnet"
     env = dict(os.environ, PYTHONPATH=ROOT)
     cmd = [sys.executable, os.path.join(ROOT, "export.py"), f"--workdir={workdir}", f"--export_dir={base}"]

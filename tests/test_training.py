@@ -1,6 +1,5 @@
 """train.py / training.train_and_evaluate: end-to-end runs per strategy, flags, resume, schedule."""
 
-import csv
 import json
 import os
 import signal
@@ -10,54 +9,13 @@ import sys
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 import pytest
 
 from alexnet_tf import training
-from tests.helpers import write_idx
+from tests.helpers import history, run_train, tiny_config, tiny_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_idx(tmp_path, n=256):
-    """Tiny Fashion-MNIST-format IDX files with a learnable pattern (class = bright stripe row)."""
-    directory = tmp_path / "idx"
-    if not directory.exists():
-        rng = np.random.default_rng(0)
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 60, (n, 28, 28))
-        for i, label in enumerate(labels):
-            images[i, 2 + 2 * label : 4 + 2 * label] = 250
-        write_idx(directory, "train", images, labels)
-        write_idx(directory, "t10k", images[:64], labels[:64])
-    return f"fashion_mnist:{directory}"
-
-
-def tiny_config(tmp_path, **overrides):
-    fields = dict(dataset=tiny_idx(tmp_path), variant="cifar", lrn="tf_cifar10", init="keras",
-                  batch_size=32, epochs=1, steps_per_epoch=2, eval_steps=1,
-                  learning_rate=0.01, schedule="constant", seed=1)
-    fields.update(overrides)
-    return training.TrainConfig(**fields)
-
-
-def tiny_run(tmp_path):
-    """A finished one-epoch run; returns its workdir (shared with the serving tests)."""
-    workdir = str(tmp_path / "run")
-    training.train_and_evaluate(tiny_config(tmp_path), workdir)
-    return workdir
-
-
-def run_train(args, cwd, env=None, **kwargs):
-    env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
-                          capture_output=True, text=True, cwd=cwd, env=env, **kwargs)
-
-
-def history(workdir):
-    with open(os.path.join(workdir, "history.csv")) as f:
-        return list(csv.DictReader(f))
 
 
 def test_one_device_end_to_end(tmp_path):
@@ -97,6 +55,7 @@ def test_auto_strategy_on_one_device_is_the_default_strategy(tmp_path):
     assert isinstance(one_device, tf.distribute.OneDeviceStrategy)
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_logical_cpus(tmp_path):
     result = run_train([f"--dataset={tiny_idx(tmp_path)}", "--variant=cifar", "--init=keras",
                         "--strategy=mirrored", "--cpu_replicas=2", "--batch_size=32",
@@ -117,6 +76,7 @@ def _free_ports(n):
     return ports
 
 
+@pytest.mark.slow
 def test_multi_worker_two_local_processes(tmp_path):
     dataset = tiny_idx(tmp_path)
     ports = _free_ports(2)
@@ -139,6 +99,7 @@ def test_multi_worker_two_local_processes(tmp_path):
     assert os.path.exists(tmp_path / "run" / "checkpoints" / "last.keras")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_at_the_next_epoch(tmp_path):
     workdir = tmp_path / "run"
     args = [f"--dataset={tiny_idx(tmp_path, n=1024)}", "--variant=cifar", "--init=keras",
@@ -213,6 +174,7 @@ def test_shipped_configs_parse_and_validate(name):
     train.FLAGS.unparse_flags()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--variant=vgg"], "unknown variant 'vgg'"),
     (["--dataset=imagenet"], "unknown dataset 'imagenet'"),

@@ -9,7 +9,6 @@ import pytest
 import tensorflow as tf
 
 from alexnet_tf import preprocessing, visualize
-from tests.test_training import tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,8 +58,9 @@ def run_visualize(*args):
                           env=dict(os.environ, PYTHONPATH=ROOT))
 
 
-def test_cli_draws_every_picture_of_a_run(tmp_path):
-    workdir = tiny_run(tmp_path)
+@pytest.mark.slow
+def test_cli_draws_every_picture_of_a_run(tiny_run):
+    workdir = tiny_run
     for command in visualize.COMMANDS:
         result = run_visualize(command, f"--workdir={workdir}", "--count=8")
         assert result.returncode == 0, result.stderr[-2000:]
@@ -74,6 +74,7 @@ def test_cli_draws_every_picture_of_a_run(tmp_path):
     assert filters.shape[:2] == (7 * (5 * 7 + 2) + 2, 10 * (5 * 7 + 2) + 2)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     result = run_visualize("curves", f"--workdir={tmp_path}")
     assert result.returncode == 2

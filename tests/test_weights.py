@@ -11,7 +11,7 @@ import tensorflow as tf
 from alexnet_tf import preprocessing, training, weights
 from alexnet_tf.model import AlexNet
 from tests.helpers import smooth_image, write_folder_tree
-from tests.test_training import run_train, tiny_config, tiny_idx, tiny_run
+from tests.helpers import run_train, tiny_config, tiny_idx
 
 torch = pytest.importorskip("torch")  # a test-only dependency (extra "test")
 nn = torch.nn
@@ -89,6 +89,7 @@ def caffe_model_and_reference():
     return AlexNet(variant="paper", lrn="caffe"), caffe_reference()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["caffe-tensorflow", "caffe"])
 def test_caffe_npy_matches_pytorch_reference(tmp_path, caffe_model_and_reference, layout):
     model, reference = caffe_model_and_reference
@@ -108,6 +109,7 @@ def test_caffe_npy_matches_pytorch_reference(tmp_path, caffe_model_and_reference
     assert_logits_close(model.predict(ours, verbose=0), torch_logits(reference, bgr))
 
 
+@pytest.mark.slow
 def test_caffe_npy_needs_caffe_lrn(tmp_path, caffe_model_and_reference):
     _, reference = caffe_model_and_reference
     path = str(tmp_path / "w.npy")
@@ -117,6 +119,7 @@ def test_caffe_npy_needs_caffe_lrn(tmp_path, caffe_model_and_reference):
             weights.load_caffe_npy(AlexNet(variant="paper", lrn="paper"), path, trust=True)
 
 
+@pytest.mark.slow
 def test_torchvision_state_dict_matches_pytorch_reference(tmp_path):
     torch.manual_seed(1)
     reference = TorchvisionAlexNet().eval()
@@ -136,6 +139,7 @@ def test_torchvision_state_dict_matches_pytorch_reference(tmp_path):
                         torch_logits(reference, expected_input.astype(np.float32)))
 
 
+@pytest.mark.slow
 def test_new_head_keeps_fc8_and_loads_the_rest(tmp_path):
     torch.manual_seed(2)
     reference = TorchvisionAlexNet()
@@ -193,8 +197,9 @@ def test_set_trainable_rejects_unknown_layers():
         weights.set_trainable(model, "fc8,fc9")
 
 
-def test_fine_tune_from_checkpoint_trains_only_the_head(tmp_path):
-    source = tiny_run(tmp_path)
+@pytest.mark.slow
+def test_fine_tune_from_checkpoint_trains_only_the_head(tiny_run, tmp_path):
+    source = tiny_run
     checkpoint = os.path.join(source, "checkpoints", "last.keras")
     start = AlexNet(num_classes=10, variant="cifar", input_shape=(28, 28, 1), lrn="tf_cifar10")
     weights.load_keras(start, checkpoint)
@@ -210,6 +215,7 @@ def test_fine_tune_from_checkpoint_trains_only_the_head(tmp_path):
                            start.get_layer("fc8").kernel.numpy())
 
 
+@pytest.mark.slow
 def test_train_py_fine_tunes_torchvision_weights_on_a_folder(tmp_path):
     torch.manual_seed(3)
     path = str(tmp_path / "alexnet.pth")
@@ -230,6 +236,7 @@ def test_train_py_fine_tunes_torchvision_weights_on_a_folder(tmp_path):
     assert "fc8 stays newly initialised" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_py_weights_errors_are_one_line(tmp_path):
     npy = tmp_path / "w.npy"
     np.save(npy, {"conv1": [np.zeros(1), np.zeros(1)]}, allow_pickle=True)
