@@ -77,6 +77,22 @@ def _free_ports(n):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("setting, expected", [(None, "on"), ("0", "off"), ("1", "on")])
+def test_train_py_turns_onednn_on_unless_the_user_set_it(tmp_path, setting, expected):
+    env = dict(os.environ)
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    if setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = setting
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), f"--dataset={tiny_idx(tmp_path)}",
+         "--variant=cifar", "--init=keras", "--batch_size=32", "--epochs=1",
+         "--steps_per_epoch=1", "--eval_steps=1", f"--workdir={tmp_path / 'run'}"],
+        capture_output=True, text=True, cwd=tmp_path, env=dict(env, PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"oneDNN CPU kernels {expected}" in result.stderr
+
+
+@pytest.mark.slow
 def test_multi_worker_two_local_processes(tmp_path):
     dataset = tiny_idx(tmp_path)
     ports = _free_ports(2)
