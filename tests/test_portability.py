@@ -1,0 +1,127 @@
+"""Every variant with TensorFlow's oneDNN CPU kernels off and on, and exports loaded as TF Serving
+loads them.
+
+TensorFlow turns oneDNN on by default only on some CPUs (Intel with AVX512-VNNI/BF16/AMX), so the
+rest of the suite runs with whichever setting this machine has. Here each setting runs in its own
+process (portability_worker.py): training, evaluation, prediction and export of every variant,
+then the exports of the paper and cifar runs go through tests/native/load_saved_model.cc, a C++
+program that loads them with the C++ SavedModel loader, tag "serve", XLA disabled, as
+tensorflow_model_server does.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.helpers import encode, smooth_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOADER_SOURCE = os.path.join(ROOT, "tests", "native", "load_saved_model.cc")
+SETTINGS = ("0", "1")  # TF_ENABLE_ONEDNN_OPTS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def loader(tmp_path_factory):
+    """tests/native/load_saved_model.cc built against this TensorFlow wheel's C API."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.fail("no C++ compiler: install Debian's g++ (.ci/run does)")
+    tf_dir = os.path.dirname(tf.__file__)
+    binary = str(tmp_path_factory.mktemp("loader") / "load_saved_model")
+    subprocess.run(
+        [compiler, "-std=c++17", "-O1", "-o", binary, LOADER_SOURCE,
+         f"-I{os.path.join(tf_dir, 'include')}", os.path.join(tf_dir, "libtensorflow_cc.so.2"),
+         os.path.join(tf_dir, "libtensorflow_framework.so.2"), f"-Wl,-rpath,{tf_dir}"],
+        check=True, capture_output=True, text=True)
+    return binary
+
+
+def environment(onednn):
+    return dict(os.environ, PYTHONPATH=ROOT, TF_ENABLE_ONEDNN_OPTS=onednn,
+                TF_CPP_MIN_LOG_LEVEL="2")
+
+
+@pytest.fixture(scope="session", params=SETTINGS, ids=lambda s: f"onednn{s}")
+def worker(request, tmp_path_factory):
+    """(oneDNN setting, the worker's report) for each setting."""
+    out_dir = tmp_path_factory.mktemp(f"onednn{request.param}")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "portability_worker.py"), str(out_dir)],
+        env=environment(request.param), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(out_dir / "report.json") as f:
+        return request.param, json.load(f)
+
+
+def run_loader(loader, onednn, export, images, signature="serving_default"):
+    return subprocess.run([loader, export, signature, *images], env=environment(onednn),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_setting_reaches_tensorflow(worker):
+    onednn, report = worker
+    assert report["onednn"] == (onednn == "1")
+
+
+def test_every_variant_trains_evaluates_and_predicts(worker):
+    _, report = worker
+    assert sorted(report["variants"]) == sorted(["paper", "single_tower", "one_weird_trick",
+                                                 "cifar"])
+    for variant, (train_loss, eval_loss) in report["variants"].items():
+        assert np.isfinite([train_loss, eval_loss]).all(), variant
+
+
+def test_native_grouped_conv_trains_with_onednn_and_refuses_to_build_without(worker):
+    onednn, report = worker
+    if onednn == "1" or report["gpu"]:
+        assert report["native"] == "trained"
+    else:
+        assert "needs TensorFlow's oneDNN CPU kernels" in report["native"]
+
+
+@pytest.mark.parametrize("variant, images", [("paper", "rgb_images"), ("cifar", "gray_images")])
+def test_c_api_loader_serves_what_python_serves(worker, loader, variant, images):
+    onednn, report = worker
+    run = report[variant]
+    result = run_loader(loader, onednn, run["export"], report[images])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "0 problem(s)" in result.stderr  # the op audit: standard, registered ops only
+    served = json.loads(result.stdout)
+    expected = np.asarray(run["probabilities"])
+    assert np.abs(np.asarray(served["probabilities"]) - expected).max() <= 1e-4
+    assert served["class_ids"] == run["class_ids"]
+    assert set(served) == {"probabilities", "classes", "class_ids", "scores"}
+
+
+def test_c_api_loader_refuses_bytes_that_are_not_an_image(worker, loader, tmp_path):
+    onednn, report = worker
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not an image at all")
+    result = run_loader(loader, onednn, report["cifar"]["export"], [str(garbage)])
+    assert result.returncode == 3
+    assert "TensorFlow error 3:" in result.stderr  # INVALID_ARGUMENT
+
+
+def test_c_api_loader_audit_finds_xla_functions(loader, tmp_path):
+    # The audit must be able to fail: a SavedModel whose function is XLA-compiled.
+    class Jitted(tf.Module):
+        @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None], tf.string)])
+        def serve(self, image_bytes):
+            return {"length": tf.strings.length(image_bytes)}
+
+    module = Jitted()
+    path = str(tmp_path / "jitted")
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    image = tmp_path / "x.png"
+    image.write_bytes(encode(smooth_image(8, 8), "png"))
+    result = run_loader(loader, "0", path, [str(image)])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "_XlaMustCompile" in result.stderr
