@@ -9,18 +9,22 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["alexnet_tf", "alexnet_tf.*"]),
-    python_requires=">=3.10",
+    # Keras 3.13 needs Python 3.11.
+    python_requires=">=3.11",
+    # Floors: the lowest versions the tests pass with (.ci/run installs them from .ci/lowest.txt).
+    # Keras 3.13 brings AdaptiveAveragePooling2D (one_weird_trick). TensorFlow 2.16-2.18 cap
+    # protobuf below 5 or 6, and today's tensorflow-datasets (its tensorflow-metadata) needs 6.
     install_requires=[
-        "tensorflow>=2.16,<3",
+        "tensorflow>=2.20,<3",
+        "keras>=3.13,<4",
         "tensorflow-datasets",
-        "keras-cv",
         "numpy",
         "absl-py",
         "tensorboard",  # TF >= 2.20 no longer installs it; train.py writes TensorBoard logs
         "matplotlib",  # alexnet_tf.visualize curves
     ],
     extras_require={
-        "gpu": ["tensorflow[and-cuda]>=2.16,<3"],
+        "gpu": ["tensorflow[and-cuda]>=2.20,<3"],
         # Reading torchvision .pth weights (alexnet_tf.weights.load_torchvision).
         "torch": ["torch>=2.0"],
         # tensorflow-serving-api: the tests build PredictRequest protos as a TF Serving client would.
