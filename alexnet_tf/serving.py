@@ -20,12 +20,57 @@ class ExportError(RuntimeError):
     """A user-facing export problem (existing version, bad directory); one-line message."""
 
 
+_CLAIM_PREFIX = ".claim-"
+
+
 def next_version(base_dir):
-    """1 + the largest integer version directory under base_dir (1 when there is none)."""
+    """1 + the largest integer version directory, or version claimed by an export in progress,
+    under base_dir (1 when there is none)."""
     if not os.path.isdir(base_dir):
         return 1
-    versions = [int(d) for d in os.listdir(base_dir) if d.isdigit()]
+    versions = []
+    for name in os.listdir(base_dir):
+        number = name[len(_CLAIM_PREFIX):] if name.startswith(_CLAIM_PREFIX) else name
+        if number.isdigit():
+            versions.append(int(number))
     return max(versions, default=0) + 1
+
+
+def _claim(export_dir, version):
+    """Creates `<export_dir>/.claim-<version>`, failing if it exists: O_EXCL makes the claim
+    atomic, so of several exports at once exactly one gets each version. Returns its path or
+    None when another export holds it."""
+    path = os.path.join(export_dir, f"{_CLAIM_PREFIX}{version}")
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
+    return path
+
+
+def _claim_version(export_dir, version, overwrite):
+    """(version, claim path) for this export: the next free version, or `version` itself."""
+    if version is not None:
+        claim = _claim(export_dir, version)
+        if claim is None:
+            raise ExportError(
+                f"version {version} is being written by another export (or one that died left "
+                f"{os.path.join(export_dir, _CLAIM_PREFIX + str(version))}: delete it if no "
+                "export is running)")
+        if os.path.exists(os.path.join(export_dir, str(version))) and not overwrite:
+            os.remove(claim)
+            raise ExportError(f"{os.path.join(export_dir, str(version))} already exists; pass "
+                              "--overwrite or another --version")
+        return version, claim
+    while True:
+        version = next_version(export_dir)
+        claim = _claim(export_dir, version)
+        if claim is None:
+            continue  # another export claimed it first: look again
+        if os.path.exists(os.path.join(export_dir, str(version))):
+            os.remove(claim)  # finished and released between our look and our claim
+            continue
+        return version, claim
 
 
 def _classify(model, images, class_names, top_k, ten_crop):
@@ -115,20 +160,22 @@ def export_saved_model(model, export_dir, class_names, config, version=None, ten
 
     The SavedModel is written to a hidden temporary directory beside the versions and renamed
     into place only when complete, so a TF Serving instance watching export_dir never loads a
-    half-written version.
+    half-written version. The version is claimed first (a hidden `.claim-<N>` file created
+    atomically), so concurrent exports to one export_dir each get their own version, and an
+    explicit `version` that another export is writing is refused.
     """
-    os.makedirs(export_dir, exist_ok=True)
-    version = next_version(export_dir) if version is None else int(version)
-    if version < 1:
+    if version is not None and int(version) < 1:
         raise ExportError(f"version must be a positive integer, got {version}")
+    os.makedirs(export_dir, exist_ok=True)
+    version, claim = _claim_version(export_dir, None if version is None else int(version),
+                                    overwrite)
     final = os.path.join(export_dir, str(version))
-    if os.path.exists(final) and not overwrite:
-        raise ExportError(f"{final} already exists; pass --overwrite or another --version")
-    archive = build_export_archive(model, class_names, config, ten_crop=ten_crop, top_k=top_k)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
+    tmp = None
     try:
-        # Saving traces the tracked model's functions again (without this, the test for
-        # standard ops finds XLA-compiled ones).
+        archive = build_export_archive(model, class_names, config, ten_crop=ten_crop, top_k=top_k)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
+        # Saving traces the endpoints' functions again (without this, the test for standard ops
+        # finds XLA-compiled ones).
         with standard_ops():
             archive.write_out(tmp, verbose=False)
         # Also readable without TensorFlow; TF Serving leaves assets.extra/ to its users.
@@ -139,7 +186,10 @@ def export_saved_model(model, export_dir, class_names, config, version=None, ten
             shutil.rmtree(final)
         os.rename(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.remove(claim)
     logging.info("Exported %s", final)
     return final

@@ -166,6 +166,39 @@ def test_existing_version_is_not_overwritten(model, tmp_path):
     assert serving.next_version(base) == 4
 
 
+def test_a_claimed_version_is_skipped_or_refused(model, tmp_path):
+    # An export in progress holds .claim-<N>: the next export takes N + 1, and asking for N
+    # explicitly is a one-line error; no claim is left behind.
+    base = tmp_path / "m"
+    base.mkdir()
+    (base / ".claim-1").touch()
+    assert os.path.basename(serving.export_saved_model(model, str(base), CLASSES, CONFIG)) == "2"
+    with pytest.raises(serving.ExportError, match="being written by another export"):
+        serving.export_saved_model(model, str(base), CLASSES, CONFIG, version=1)
+    assert sorted(os.listdir(base)) == [".claim-1", "2"]
+
+
+@pytest.mark.slow
+def test_concurrent_exports_get_distinct_complete_versions(tiny_run, tmp_path):
+    base = tmp_path / "exports" / "alexnet"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, "export.py"), f"--workdir={tiny_run}",
+           f"--export_dir={base}"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=tmp_path) for _ in range(4)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-2000:]
+    printed = sorted(out.splitlines()[0] for out, _ in outputs)
+    assert printed == [f"exported {base / str(v)}" for v in (1, 2, 3, 4)]
+    assert sorted(os.listdir(base)) == ["1", "2", "3", "4"]  # no claims or temporaries left
+    png = tf.io.encode_png(smooth_image(28, 28, channels=1)).numpy()
+    for version in ("1", "2", "3", "4"):
+        out = tf.saved_model.load(str(base / version)).signatures["serving_default"](
+            image_bytes=tf.constant([png]))
+        assert out["probabilities"].shape == (1, 10)
+
+
 @pytest.mark.slow
 def test_interrupted_export_leaves_no_visible_version(model, tmp_path, monkeypatch):
     base = tmp_path / "m"
