@@ -8,7 +8,6 @@ alexnet_tf.serving.
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -28,16 +27,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
-    from alexnet_tf import serving
+    from alexnet_tf import cli, serving
 
     try:
         model, class_names, config = serving.load_run(FLAGS.workdir, FLAGS.checkpoint)
         path = serving.export_saved_model(
             model, FLAGS.export_dir, class_names, config, version=FLAGS.version,
             ten_crop=FLAGS.ten_crop, overwrite=FLAGS.overwrite, top_k=FLAGS.top_k)
-    except serving.ExportError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (serving.ExportError, OSError, *cli.TF_FILE_ERRORS) as e:
+        cli.exit_with_error("export.py", e)
     print(f"exported {path}\n  inspect: saved_model_cli show --all --dir {path}")
 
 

@@ -5,7 +5,6 @@ This file holds the flags and main() only; the work is in alexnet_tf.training.
 
 import dataclasses
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up noise out
 # oneDNN's CPU kernels train these models faster on AVX2 CPUs too, where TensorFlow leaves them
@@ -14,7 +13,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags, logging  # noqa: E402
 
-from alexnet_tf import data, keras_compat, training  # noqa: E402
+from alexnet_tf import cli, data, keras_compat, training  # noqa: E402
 
 _DEFAULTS = training.TrainConfig()
 _HELP = {
@@ -95,9 +94,9 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     try:
         training.train_and_evaluate(config_from_flags(), FLAGS.workdir)
-    except (training.TrainingError, data.DataError, keras_compat.KerasCompatibilityError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (training.TrainingError, data.DataError, keras_compat.KerasCompatibilityError,
+            OSError, *cli.TF_FILE_ERRORS) as e:
+        cli.exit_with_error("train.py", e)
 
 
 if __name__ == "__main__":

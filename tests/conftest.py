@@ -1,6 +1,7 @@
 """Shared test set-up: quiet TensorFlow logs and a fixed seed per test."""
 
 import os
+import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,3 +28,19 @@ def tiny_run(tmp_path_factory):
     workdir = str(root / "run")
     training.train_and_evaluate(tiny_config(root), workdir)
     return workdir
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on a 1 MiB tmpfs: writing more than that fails with "No space left on
+    device". Skips, saying why, where this process may not mount one."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip() or result.returncode}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)

@@ -93,3 +93,13 @@ def run_train(args, cwd, env=None, **kwargs):
 def history(workdir):
     with open(os.path.join(workdir, "history.csv")) as f:
         return list(csv.DictReader(f))
+
+
+def assert_one_line_error(result, program, *fragments):
+    """A CLI run that failed with exit 2 and one `<program>: error: ...` line, no traceback."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{program}: error:"), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in last, last

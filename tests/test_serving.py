@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import alexnet_tf
 from alexnet_tf import preprocessing, serving
-from tests.helpers import encode, smooth_image
+from tests.helpers import assert_one_line_error, encode, smooth_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = preprocessing.PreprocessConfig(image_size=32, resize_size=36)
@@ -197,6 +197,19 @@ def test_concurrent_exports_get_distinct_complete_versions(tiny_run, tmp_path):
         out = tf.saved_model.load(str(base / version)).signatures["serving_default"](
             image_bytes=tf.constant([png]))
         assert out["probabilities"].shape == (1, 10)
+
+
+@pytest.mark.slow
+def test_export_os_errors_are_one_line(tiny_run, tmp_path, full_disk):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, "export.py"), f"--workdir={tiny_run}"]
+    result = subprocess.run(cmd + ["--export_dir=/proc/alexnet_tf/exports"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    assert_one_line_error(result, "export.py", "/proc/alexnet_tf")
+    result = subprocess.run(cmd + [f"--export_dir={full_disk / 'alexnet'}"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    assert_one_line_error(result, "export.py")
+    assert os.listdir(full_disk / "alexnet") == []  # no version, temporary or claim left
 
 
 @pytest.mark.slow

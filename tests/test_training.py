@@ -13,7 +13,7 @@ import tensorflow as tf
 import pytest
 
 from alexnet_tf import training
-from tests.helpers import history, run_train, tiny_config, tiny_idx
+from tests.helpers import assert_one_line_error, history, run_train, tiny_config, tiny_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,6 +188,19 @@ def test_shipped_configs_parse_and_validate(name):
     train.FLAGS(["train.py", f"--flagfile={os.path.join(ROOT, 'configs', name)}"])
     train.config_from_flags().validate()
     train.FLAGS.unparse_flags()
+
+
+@pytest.mark.slow
+def test_os_errors_are_one_line(tmp_path, full_disk):
+    dataset = f"--dataset={tiny_idx(tmp_path)}"
+    tiny = [dataset, "--variant=cifar", "--init=keras", "--batch_size=32", "--epochs=1",
+            "--steps_per_epoch=1", "--eval_steps=1"]
+    # A workdir that cannot be created.
+    result = run_train([*tiny, "--workdir=/proc/alexnet_tf/run"], cwd=tmp_path)
+    assert_one_line_error(result, "train.py", "/proc/alexnet_tf")
+    # A full disk: the first checkpoint does not fit in 1 MiB.
+    result = run_train([*tiny, f"--workdir={full_disk / 'run'}"], cwd=tmp_path)
+    assert_one_line_error(result, "train.py", "No space left on device")
 
 
 @pytest.mark.slow

@@ -1,0 +1,34 @@
+"""What train.py and export.py share: user mistakes and machine conditions as one line."""
+
+import sys
+
+import tensorflow as tf
+
+# Errors of the files a user's settings or machine name: a workdir that cannot be created, a full
+# disk, a path without permission. Python raises OSError; TensorFlow's own file code (SavedModel
+# writing, tf.io.gfile) raises these.
+TF_FILE_ERRORS = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
+                  tf.errors.ResourceExhaustedError, tf.errors.AlreadyExistsError)
+
+
+def describe(error):
+    """One line for an OSError ("No space left on device: /path"), a TensorFlow file error (its
+    message) or anything else (its text), whitespace and line breaks collapsed."""
+    if isinstance(error, OSError) and error.errno and error.strerror:
+        text = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    elif isinstance(error, tf.errors.OpError):
+        text = error.message
+    else:
+        text = str(error)
+    return " ".join(text.split())
+
+
+def exit_with_error(program, error):
+    """Prints `<program>: error: <one line>` on stderr and exits with status 2."""
+    print(f"{program}: error: {describe(error)}", file=sys.stderr, flush=True)
+    # What is left of a half-written file is freed while the process exits, and h5py's finaliser
+    # then fails again on the same full disk, printing tracebacks (through both hooks) after the
+    # line above: the error is already reported.
+    sys.unraisablehook = lambda unraisable: None
+    sys.excepthook = lambda *exc_info: None
+    sys.exit(2)
