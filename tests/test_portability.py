@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import encode, smooth_image
+from tests.helpers import ROOT, encode, smooth_image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADER_SOURCE = os.path.join(ROOT, "tests", "native", "load_saved_model.cc")
 SETTINGS = ("0", "1")  # TF_ENABLE_ONEDNN_OPTS
 

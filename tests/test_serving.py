@@ -11,9 +11,8 @@ import tensorflow as tf
 
 import alexnet_tf
 from alexnet_tf import preprocessing, serving
-from tests.helpers import assert_one_line_error, encode, smooth_image
+from tests.helpers import ROOT, assert_one_line_error, encode, smooth_image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = preprocessing.PreprocessConfig(image_size=32, resize_size=36)
 CLASSES = ["cat", "dog", "emu"]
 

@@ -13,9 +13,7 @@ import tensorflow as tf
 import pytest
 
 from alexnet_tf import training
-from tests.helpers import assert_one_line_error, history, run_train, tiny_config, tiny_idx
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, assert_one_line_error, history, run_train, tiny_config, tiny_idx
 
 
 def test_one_device_end_to_end(tmp_path):
