@@ -7,6 +7,7 @@ writes exports/alexnet/<N>/ (the next version) with the signatures `serving_defa
 alexnet_tf.serving.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,6 +21,10 @@ flags.DEFINE_bool("ten_crop", False, "Average the paper's 10 crops inside the gr
 flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Which checkpoint of the run.")
 flags.DEFINE_integer("top_k", 5, "Classes and scores returned per image.")
+flags.DEFINE_integer(
+    "max_pixels", None, "serving_default refuses images whose header declares more pixels, "
+    "before decoding them; default: the run's (train.py --max_pixels, 40,000,000).",
+    lower_bound=1)
 FLAGS = flags.FLAGS
 
 
@@ -31,6 +36,8 @@ def main(argv):
 
     try:
         model, class_names, config = serving.load_run(FLAGS.workdir, FLAGS.checkpoint)
+        if FLAGS.max_pixels is not None:
+            config = dataclasses.replace(config, max_pixels=FLAGS.max_pixels)
         path = serving.export_saved_model(
             model, FLAGS.export_dir, class_names, config, version=FLAGS.version,
             ten_crop=FLAGS.ten_crop, overwrite=FLAGS.overwrite, top_k=FLAGS.top_k)

@@ -43,6 +43,8 @@ _HELP = {
     "crop": "Training crop for photos: paper | inception.",
     "pad": "Small images: zero padding of the random crop (default image_size // 8; 0: no crop).",
     "pca": "PCA lighting eigen-pairs: imagenet | dataset | none.",
+    "max_pixels": "Encoded images whose header declares more pixels are skipped and counted, "
+                  "not decoded (decompression bombs); export.py's default budget.",
     "cache": "Cache decoded records in memory (small datasets).",
     "shuffle_buffer": "Shuffle buffer size in records.",
     "one_based_labels": "TFRecord labels start at 1.",

@@ -54,7 +54,8 @@ class DatasetInfo:
         channels: 1 or 3.
         image_size: native (height, width) when every image has it (MNIST, CIFAR), else None.
         num_examples: examples in the split read, or None when unknown without a full pass.
-        skipped: a tf.Variable counting unreadable images skipped so far (file sources).
+        skipped: a tf.Variable counting the images skipped so far (file sources): unreadable ones
+            and those over the pixel budget (`PreprocessConfig.max_pixels`).
         jpeg_only: every record is named as a JPEG (folder sources with only .jpg/.jpeg files):
             the pipeline decodes with no format branch and skips and counts any that is not.
     """
@@ -389,7 +390,10 @@ def make_dataset(
         skipped = info.skipped
 
         def complete(image, label, origin):
-            ok = preprocessing.looks_complete(image)
+            # Whole JPEG or PNG files within the pixel budget: the budget is read from the
+            # header, so an oversized file costs no decoding.
+            ok = tf.logical_and(preprocessing.looks_complete(image),
+                                preprocessing.header_pixels(image) <= preprocess.max_pixels)
             if info.jpeg_only:
                 # The crops below decode JPEG with no format branch (a tf.cond per image cost
                 # ~30% of the training pipeline's throughput); a PNG named .jpg is skipped.

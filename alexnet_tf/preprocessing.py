@@ -25,6 +25,12 @@ IMAGENET_EIGVEC = (
 )
 PCA_ALPHA_STD = 0.1  # paper §4.1: "Gaussian with mean zero and standard deviation 0.1"
 CROP_SCHEMES = ("paper", "inception", "pad")
+# The most pixels an image may declare in its header for the pipelines and the exported
+# signatures to decode it. Decoding allocates height x width x channels bytes and the float32
+# copy four times that: about 0.6 GB at the limit. 40 MP (7,300 x 5,500) is beyond the photographs
+# of most phones and cameras, and the models see 227-pixel crops; what is larger is a
+# decompression bomb (a few-KB PNG can declare 50,000 x 50,000) or should be scaled down first.
+MAX_PIXELS = 40_000_000
 
 
 @dataclasses.dataclass
@@ -45,6 +51,7 @@ class PreprocessConfig:
         flip: random horizontal flips (off for digits).
         eigval, eigvec: PCA lighting eigen-pairs for pixels in [0, 1]; None disables it.
         pca_alpha_std: standard deviation of the lighting coefficients.
+        max_pixels: encoded images declaring more pixels are not decoded (see MAX_PIXELS).
     """
 
     image_size: int = 227
@@ -59,6 +66,7 @@ class PreprocessConfig:
     eigvec: tuple | None = IMAGENET_EIGVEC
     pca_alpha_std: float = PCA_ALPHA_STD
     bgr: bool = False
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self):
         if self.crop not in CROP_SCHEMES:
@@ -97,6 +105,43 @@ def decode(encoded, channels):
     """Decodes JPEG/PNG bytes to float32 [H, W, channels] in [0, 255]."""
     image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
     return tf.cast(image, tf.float32)
+
+
+# The smallest JPEG header tf.io.extract_jpeg_shape reads (SOI, a 1x1 SOF0, SOS, EOI). It stands
+# in for bytes that are not JPEG, so that reading the header takes no tf.cond (header_pixels).
+_ONE_PIXEL_JPEG = (b"\xff\xd8\xff\xc0\x00\x0b\x08\x00\x01\x00\x01\x01\x01\x11\x00"
+                   b"\xff\xda\x00\x08\x01\x01\x00\x00?\x00\xff\xd9")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def header_pixels(encoded):
+    """Height x width (int64) that JPEG or PNG bytes declare, read from the header without
+    decoding: JPEG's SOF marker (tf.io.extract_jpeg_shape), PNG's IHDR chunk. -1 for bytes in
+    neither format. A JPEG whose header cannot be parsed raises InvalidArgumentError."""
+    encoded = tf.convert_to_tensor(encoded)
+    jpeg = tf.io.is_jpeg(encoded)
+    jpeg_shape = tf.io.extract_jpeg_shape(tf.where(jpeg, encoded, _ONE_PIXEL_JPEG), tf.int64)
+    # PNG: the signature, then IHDR (length, type, width, height): big-endian uint32s at 16-23.
+    header = tf.strings.substr(tf.strings.join([encoded, b"\0" * 24]), 0, 24)
+    ihdr = tf.cast(tf.io.decode_raw(header, tf.uint8)[16:24], tf.int64)
+    big_endian = tf.constant([2**24, 2**16, 2**8, 1], tf.int64)
+    png_pixels = tf.reduce_sum(ihdr[:4] * big_endian) * tf.reduce_sum(ihdr[4:] * big_endian)
+    png = tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE)
+    return tf.where(jpeg, jpeg_shape[0] * jpeg_shape[1],
+                    tf.where(png, png_pixels, tf.constant(-1, tf.int64)))
+
+
+def checked(encoded, max_pixels):
+    """`encoded` once its header shows a JPEG or PNG of at most max_pixels pixels, else an
+    InvalidArgumentError (before anything is decoded) saying which limit it broke."""
+    pixels = header_pixels(encoded)
+    known = tf.debugging.Assert(pixels >= 0, ["not a JPEG or PNG image"])
+    with tf.control_dependencies([known]):
+        small = tf.debugging.Assert(pixels <= max_pixels, [tf.strings.format(
+            "image of {} pixels is over the limit of {} pixels (export.py --max_pixels)",
+            [pixels, max_pixels])])
+    with tf.control_dependencies([small]):
+        return tf.identity(encoded)
 
 
 def looks_complete(encoded):

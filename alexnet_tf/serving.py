@@ -94,6 +94,9 @@ def _classify(model, images, class_names, top_k, ten_crop):
 def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
     """A `keras.export.ExportArchive` with the `serving_default` and `predict_images` endpoints.
 
+    `serving_default` takes JPEG or PNG bytes and refuses, with INVALID_ARGUMENT, other bytes and
+    images that declare more than `config.max_pixels` pixels, before decoding them.
+
     Args:
         model: a Keras AlexNet taking `config.image_size` square images.
         class_names: label strings, index = class id.
@@ -113,9 +116,12 @@ def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
 
     def serve_bytes(image_bytes):
         # Decode on the CPU: TF has no GPU kernel for PNG, and JPEG on GPU gains nothing here.
+        # Each image's header is checked first: a request of other bytes, or of an image over
+        # config.max_pixels, fails with INVALID_ARGUMENT before any memory goes to decoding.
         with tf.device("/cpu:0"):
             images = tf.map_fn(
-                lambda b: view(preprocessing.decode(b, config.channels), config),
+                lambda b: view(preprocessing.decode(
+                    preprocessing.checked(b, config.max_pixels), config.channels), config),
                 image_bytes, fn_output_signature=view_spec)
         return _classify(model, images, names, top_k, ten_crop)
 

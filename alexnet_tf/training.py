@@ -59,6 +59,7 @@ class TrainConfig:
     crop: str = "paper"  # paper | inception (photos); small images always pad-crop
     pad: int | None = None  # small images: padding of the random crop (None: image_size // 8)
     pca: str = "imagenet"  # imagenet | dataset (computed from a training sample) | none
+    max_pixels: int = preprocessing.MAX_PIXELS  # larger encoded images are skipped and counted
     cache: bool = False
     shuffle_buffer: int = 10_000
     one_based_labels: bool = False
@@ -86,6 +87,7 @@ class TrainConfig:
             (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
             (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
             (self.pad is None or self.pad >= 0, f"pad must be >= 0, got {self.pad}"),
+            (self.max_pixels > 0, f"max_pixels must be positive, got {self.max_pixels}"),
             (self.cpu_replicas >= 1, f"cpu_replicas must be >= 1, got {self.cpu_replicas}"),
             (not self.init_from or os.path.exists(self.init_from),
              f"--init_from={self.init_from}: no such file"),
@@ -237,7 +239,8 @@ class StopOnNaN(keras.callbacks.Callback):
 
 
 class EpochReport(keras.callbacks.Callback):
-    """One line per epoch with images/s, the learning rate and skipped images; adds `learning_rate`
+    """One line per epoch with images/s, the learning rate and skipped images (unreadable, or
+    over the pixel budget); adds `learning_rate`
     and `images_per_sec` to the logs so CSVLogger and TensorBoard record them."""
 
     def __init__(self, global_batch, steps_per_epoch, epochs, skipped=None, verbose=True):
@@ -266,7 +269,7 @@ class EpochReport(keras.callbacks.Callback):
         if self.skipped is not None:
             skipped = int(self.skipped.numpy())
             logs["skipped_images"] = skipped
-            parts.append(f"skipped {skipped} unreadable images so far")
+            parts.append(f"skipped {skipped} unreadable or oversized images so far")
         if self.verbose:
             print(" - ".join(parts), flush=True)
 
@@ -326,6 +329,7 @@ def _preprocess_config(config, info, workdir):
         return preprocessing.PreprocessConfig.from_json(path)
     pre = data.default_preprocess_config(
         info, model_lib.DEFAULT_IMAGE_SIZE[config.variant], config.image_size)
+    pre.max_pixels = config.max_pixels
     if not info.small_images:
         pre.crop = config.crop
     elif config.pad is not None:

@@ -44,3 +44,22 @@ def full_disk(tmp_path):
         yield mount_point
     finally:
         subprocess.run(["umount", str(mount_point)], check=False)
+
+
+@pytest.fixture(scope="session")
+def hostile_images(tmp_path_factory):
+    """Paths of images a server must survive, written once per session: `png_bomb` and
+    `jpeg_bomb` declare 20000 x 20000 pixels (a PNG of ~0.4 MB that decodes to 1.2 GB of RGB, a
+    JPEG header patched to that size), `photo` is a 12-megapixel (4000 x 3000) photograph and
+    `small` a 300 x 240 JPEG."""
+    from tests.helpers import encode, jpeg_bomb, photo_jpeg, png_bomb, smooth_image
+
+    directory = tmp_path_factory.mktemp("hostile_images")
+    contents = {"png_bomb.png": png_bomb(20000, 20000), "jpeg_bomb.jpg": jpeg_bomb(20000, 20000),
+                "photo.jpg": photo_jpeg(3000, 4000),
+                "small.jpg": encode(smooth_image(300, 240), "jpeg")}
+    paths = {}
+    for name, content in contents.items():
+        (directory / name).write_bytes(content)
+        paths[name.split(".")[0]] = str(directory / name)
+    return paths

@@ -6,6 +6,9 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -25,6 +28,56 @@ def encode(image, fmt):
     if fmt == "png":
         return tf.io.encode_png(image).numpy()
     return tf.io.encode_jpeg(image, quality=95).numpy()
+
+
+def png_bomb(width, height):
+    """A valid PNG of width x height black grey pixels, a few hundred KB for 20000 x 20000:
+    zlib shrinks its 400 MB of rows ~1000-fold (a decompression bomb)."""
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter type 0, then the pixels
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels)
+            + chunk(b"IEND", b""))
+
+
+def jpeg_bomb(width, height):
+    """A 16 x 16 JPEG whose frame header (SOF0) is changed to declare width x height."""
+    data = bytearray(encode(smooth_image(16, 16), "jpeg"))
+    sof = data.index(b"\xff\xc0")  # length (2 bytes), precision (1), then height and width
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def photo_jpeg(height, width):
+    """matplotlib's sample photograph (Grace Hopper, 600 x 512) resized to height x width, as JPEG."""
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        photo = tf.io.decode_jpeg(f.read())
+    resized = tf.image.resize(photo, [height, width])
+    return tf.io.encode_jpeg(tf.cast(tf.round(resized), tf.uint8), quality=90).numpy()
+
+
+def run_measured(args, env=None, timeout=300):
+    """Runs a command to its end; (exit status, stdout, stderr, the process's peak resident
+    memory in MB), the peak from the kernel's accounting of that one process (wait4)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss / 1024
 
 
 def write_folder_tree(root, classes=("cat", "dog"), per_class=3, size=(40, 50), fmt="jpeg"):

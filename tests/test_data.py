@@ -1,6 +1,7 @@
 """Every data source read from small files the test writes, bad data, determinism, sharding."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import tensorflow as tf
 
 from alexnet_tf import data
 from alexnet_tf.preprocessing import PreprocessConfig
-from tests.helpers import encode, smooth_image, write_folder_tree, write_idx, write_tfrecord
+from tests.helpers import (encode, jpeg_bomb, smooth_image, write_folder_tree, write_idx,
+                           write_tfrecord)
 
 SMALL = PreprocessConfig(image_size=32, resize_size=36)
 
@@ -58,6 +60,22 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
     ds, info = data.make_dataset(f"folder:{tmp_path}", "train", False, 10, SMALL)
     images, labels = collect(ds)
     assert len(images) == 3
+    assert int(info.skipped.numpy()) == 3
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_images_over_the_pixel_budget_are_skipped_and_counted(tmp_path, hostile_images, training):
+    paths = write_folder_tree(tmp_path / "train", classes=("a", "b"), per_class=3, size=(40, 50))
+    os.remove(paths[0])
+    shutil.copy(hostile_images["png_bomb"], paths[0][: -len(".jpg")] + ".png")
+    with open(paths[4], "wb") as f:
+        f.write(jpeg_bomb(20000, 20000))
+    with open(paths[5], "wb") as f:  # one row over the budget below
+        f.write(encode(smooth_image(41, 50), "jpeg"))
+    config = PreprocessConfig(image_size=32, resize_size=36, max_pixels=40 * 50)
+    ds, info = data.make_dataset(f"folder:{tmp_path}", "train", training, 1, config, seed=0)
+    images, _ = collect(ds)
+    assert len(images) == 3  # paths[1:4], 40 x 50 each
     assert int(info.skipped.numpy()) == 3
 
 

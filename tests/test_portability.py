@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import ROOT, encode, smooth_image
+from tests.helpers import ROOT, encode, run_measured, smooth_image
 
 LOADER_SOURCE = os.path.join(ROOT, "tests", "native", "load_saved_model.cc")
 SETTINGS = ("0", "1")  # TF_ENABLE_ONEDNN_OPTS
@@ -107,6 +107,27 @@ def test_c_api_loader_refuses_bytes_that_are_not_an_image(worker, loader, tmp_pa
     result = run_loader(loader, onednn, report["cifar"]["export"], [str(garbage)])
     assert result.returncode == 3
     assert "TensorFlow error 3:" in result.stderr  # INVALID_ARGUMENT
+
+
+def test_c_api_loader_refuses_oversized_images_before_decoding(worker, loader, hostile_images):
+    onednn, report = worker
+    export = report["paper"]["export"]
+
+    def serve(image):
+        return run_measured([loader, export, "serving_default", hostile_images[image]],
+                            env=environment(onednn))
+
+    status, _, stderr, baseline = serve("small")
+    assert status == 0, stderr[-2000:]
+    for bomb in ("png_bomb", "jpeg_bomb"):
+        status, _, stderr, peak = serve(bomb)
+        assert status == 3 and "TensorFlow error 3:" in stderr, stderr[-2000:]  # INVALID_ARGUMENT
+        assert "image of 400000000 pixels is over the limit of 40000000 pixels" in stderr
+        assert peak - baseline < 100, (bomb, peak, baseline)
+    status, stdout, stderr, _ = serve("photo")  # 12 megapixels, within the budget
+    assert status == 0, stderr[-2000:]
+    probabilities = np.asarray(json.loads(stdout)["probabilities"])
+    assert probabilities.shape == (1, 3) and abs(probabilities.sum() - 1) < 1e-5
 
 
 def test_c_api_loader_audit_finds_xla_functions(loader, tmp_path):

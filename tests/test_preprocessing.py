@@ -1,12 +1,14 @@
 """Preprocessing ops, each checked eagerly and inside tf.data.map, against numpy references."""
 
+import io
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from alexnet_tf import preprocessing
 from alexnet_tf.preprocessing import PreprocessConfig
-from tests.helpers import encode, smooth_image
+from tests.helpers import encode, jpeg_bomb, png_bomb, smooth_image
 
 PHOTO = PreprocessConfig(image_size=227, resize_size=256)
 
@@ -260,3 +262,29 @@ def test_eval_image_of_jpeg_bytes_matches_the_decoded_image(mode):
     window = tf.cast(decoded[top : top + side, left : left + side], tf.float32)
     expected = tf.image.resize(window, [227, 227]).numpy() - np.array(PHOTO.mean)
     np.testing.assert_allclose(from_pixels, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_header_pixels_reads_the_declared_size_without_decoding(mode):
+    from PIL import Image
+
+    def pil(fmt, height, width, channels=3):
+        buffer = io.BytesIO()
+        Image.fromarray(smooth_image(height, width, channels=channels).squeeze()).save(
+            buffer, format=fmt)
+        return buffer.getvalue()
+
+    cases = [
+        (encode(smooth_image(37, 53), "jpeg"), 37 * 53),
+        (pil("JPEG", 300, 470), 300 * 470),
+        (pil("PNG", 300, 470), 300 * 470),
+        (pil("PNG", 29, 31, channels=1), 29 * 31),
+        (png_bomb(70000, 3), 70000 * 3),  # width beyond 16 bits
+        (jpeg_bomb(20000, 20000), 400_000_000),
+        (pil("GIF", 30, 40), -1),
+        (pil("BMP", 30, 40), -1),
+        (b"", -1),
+        (b"\x89PN", -1),
+    ]
+    for encoded, pixels in cases:
+        assert int(run(preprocessing.header_pixels, tf.constant(encoded), mode=mode)) == pixels

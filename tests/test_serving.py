@@ -1,5 +1,8 @@
 """The exported SavedModel: signatures, parity with Keras + eval preprocessing, requests, atomicity."""
 
+import dataclasses
+import io
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +14,8 @@ import tensorflow as tf
 
 import alexnet_tf
 from alexnet_tf import preprocessing, serving
-from tests.helpers import ROOT, assert_one_line_error, encode, smooth_image
+from tests.helpers import (ROOT, assert_one_line_error, encode, jpeg_bomb, run_measured,
+                           smooth_image)
 
 CONFIG = preprocessing.PreprocessConfig(image_size=32, resize_size=36)
 CLASSES = ["cat", "dog", "emu"]
@@ -102,6 +106,59 @@ def test_non_image_bytes_raise_invalid_argument(exported):
     _, loaded = exported
     with pytest.raises(tf.errors.InvalidArgumentError):
         loaded.signatures["serving_default"](image_bytes=tf.constant([b"not an image"]))
+
+
+def test_other_formats_and_oversized_images_are_refused_by_their_header(exported, hostile_images):
+    _, loaded = exported
+    serve = loaded.signatures["serving_default"]
+    from PIL import Image
+
+    gif = io.BytesIO()
+    Image.fromarray(smooth_image(20, 20)).save(gif, format="GIF")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG or PNG image"):
+        serve(image_bytes=tf.constant([gif.getvalue()]))
+    with open(hostile_images["png_bomb"], "rb") as f:
+        png_bomb = f.read()
+    for bomb in (png_bomb, jpeg_bomb(20000, 20000)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=(
+                "image of 400000000 pixels is over the limit of 40000000 pixels")):
+            serve(image_bytes=tf.constant([jpegs(1)[0], bomb]))
+
+
+def test_the_pixel_budget_is_the_exports_setting(model, tmp_path):
+    budget = 40 * 50
+    path = serving.export_saved_model(model, str(tmp_path / "alexnet"), CLASSES,
+                                      dataclasses.replace(CONFIG, max_pixels=budget))
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    at_limit = encode(smooth_image(40, 50), "jpeg")
+    assert serve(image_bytes=tf.constant([at_limit]))["probabilities"].shape == (1, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="2050 pixels is over the limit of 2000"):
+        serve(image_bytes=tf.constant([encode(smooth_image(41, 50), "png")]))
+
+
+def serve_measured(export_dir, image):
+    """tests/serve_files.py on one file in a fresh process: (status, stdout, stderr, peak MB)."""
+    return run_measured([sys.executable, os.path.join(ROOT, "tests", "serve_files.py"),
+                         export_dir, image], env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+@pytest.mark.slow
+def test_bombs_are_refused_before_decoding_and_a_12_megapixel_photo_is_served(
+        exported, model, hostile_images):
+    path, _ = exported
+    status, _, stderr, baseline = serve_measured(path, hostile_images["small"])
+    assert status == 0, stderr[-2000:]
+    for bomb in ("png_bomb", "jpeg_bomb"):
+        status, _, stderr, peak = serve_measured(path, hostile_images[bomb])
+        assert status == 3 and "over the limit of 40000000 pixels" in stderr, stderr[-2000:]
+        # Decoding the PNG would take 1.2 GB (its RGB pixels) and the float32 copy 4.8 GB.
+        assert peak - baseline < 100, (bomb, peak, baseline)
+    status, stdout, stderr, _ = serve_measured(path, hostile_images["photo"])
+    assert status == 0, stderr[-2000:]
+    with open(hostile_images["photo"], "rb") as f:
+        expected = keras_reference(model, [f.read()])
+    np.testing.assert_allclose(json.loads(stdout)["probabilities"], expected, rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_wrong_dtype_or_rank_is_rejected_by_the_signature(exported):
@@ -244,6 +301,17 @@ def test_export_cli_on_a_trained_run(tiny_run, tmp_path):
     png = tf.io.encode_png(smooth_image(28, 28, channels=1)).numpy()
     out = loaded.signatures["serving_default"](image_bytes=tf.constant([png]))
     assert out["probabilities"].shape == (1, 10)
-    assert out["classes"].numpy()[0, 0].decode() in [str(i) for i in range(10)] + [
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-        "Bag", "Ankle boot"]
+    # The labels are the run's class names, in the dataset's order.
+    with open(os.path.join(workdir, "dataset.json")) as f:
+        class_names = json.load(f)["class_names"]
+    assert [c.decode() for c in out["classes"].numpy()[0]] == [
+        class_names[i] for i in out["class_ids"].numpy()[0]]
+    with open(base / "1" / "assets.extra" / "class_names.txt") as f:
+        assert f.read().splitlines() == class_names
+    # --max_pixels below the 28 x 28 images the run was trained on.
+    small = subprocess.run(cmd + ["--max_pixels=700"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)
+    assert small.returncode == 0, small.stderr
+    with pytest.raises(tf.errors.InvalidArgumentError, match="784 pixels is over the limit of 700"):
+        tf.saved_model.load(str(base / "2")).signatures["serving_default"](
+            image_bytes=tf.constant([png]))
