@@ -56,6 +56,8 @@ _HELP = {
     "seed": "Seed for initialisation, shuffling and augmentation (deterministic pipeline).",
     "ten_crop_eval": "Final evaluation with 10-crop averaging (paper §4.1).",
     "checkpoint_every_steps": "Also back up every N steps (default: every epoch).",
+    "start_over": "Discard the workdir's backup and history and train from the first epoch "
+                  "(default: resume from them).",
     "init_from": "Start from these weights: bvlc_alexnet.npy (Caffe), a torchvision .pth, or a "
                  ".keras checkpoint; fc8 is new when the class count differs.",
     "trainable": "all, or the comma-separated layers to train (e.g. fc6,fc7,fc8); others frozen.",
@@ -102,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("train.py"))

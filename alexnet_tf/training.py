@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 
@@ -17,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from alexnet_tf import backup as backup_lib
 from alexnet_tf import data, keras_compat, layers, model as model_lib, preprocessing, weights
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device", "tpu")
@@ -70,6 +72,7 @@ class TrainConfig:
     seed: int | None = None
     ten_crop_eval: bool = False  # final evaluation with the paper's 10-crop averaging
     checkpoint_every_steps: int | None = None  # extra mid-epoch backups for long epochs
+    start_over: bool = False  # discard the workdir's backup and history instead of resuming
     init_from: str | None = None  # weights to start from: .npy (Caffe), .pth (torchvision), .keras
     trainable: str = "all"  # "all" or the layers to train, e.g. "fc6,fc7,fc8" (the rest frozen)
     trust_weights: bool = False  # allow unpickling a Caffe .npy (a pickle can run code)
@@ -185,19 +188,17 @@ def _is_chief(strategy):
 class DivideOnPlateau(keras.callbacks.Callback):
     """Paper §5: divide the learning rate by 10 when validation top-1 stops improving.
 
-    At most `max_drops` divisions (the paper stopped after three). Its state is kept in a JSON
-    file so that a resumed run continues with the same counters.
+    At most `max_drops` divisions (the paper stopped after three). Its counters (`STATE`) are
+    saved with each backup, so that a resumed run continues with them.
     """
 
-    def __init__(self, factor=0.1, patience=3, max_drops=3, monitor="val_top1", state_path=None):
+    STATE = ("best", "wait", "drops")
+
+    def __init__(self, factor=0.1, patience=3, max_drops=3, monitor="val_top1"):
         super().__init__()
         self.factor, self.patience, self.max_drops = factor, patience, max_drops
-        self.monitor, self.state_path = monitor, state_path
+        self.monitor = monitor
         self.best, self.wait, self.drops = -math.inf, 0, 0
-        if state_path and os.path.exists(state_path):
-            with open(state_path) as f:
-                state = json.load(f)
-            self.best, self.wait, self.drops = state["best"], state["wait"], state["drops"]
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -214,9 +215,6 @@ class DivideOnPlateau(keras.callbacks.Callback):
                 self.wait = 0
                 logging.info("Epoch %d: validation top-1 stopped improving; learning rate -> %g "
                              "(drop %d of at most %d)", epoch + 1, lr, self.drops, self.max_drops)
-        if self.state_path:
-            with open(self.state_path, "w") as f:
-                json.dump({"best": self.best, "wait": self.wait, "drops": self.drops}, f)
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -385,8 +383,8 @@ def train_and_evaluate(config, workdir):
     """Trains `config` in `workdir`, resuming from its backup if one is there.
 
     Writes to workdir: config.json, dataset.json (class names), preprocessing.json,
-    checkpoints/{best,last}.keras, backup/ (resume state), history.csv, tensorboard/,
-    results.json.
+    checkpoints/{best,last}.keras, backup/ (resume state, see alexnet_tf.backup), history.csv,
+    tensorboard/, results.json.
 
     Returns:
         dict of final metrics (loss, top1, top5, top1_error, top5_error, and ten_crop_* if asked).
@@ -408,6 +406,10 @@ def train_and_evaluate(config, workdir):
     chief = _is_chief(strategy)
     task_dir = workdir if chief else os.path.join(workdir, f"worker_tmp_{strategy.cluster_resolver.task_id}")
     os.makedirs(os.path.join(task_dir, "checkpoints"), exist_ok=True)
+    if config.start_over:
+        shutil.rmtree(os.path.join(task_dir, "backup"), ignore_errors=True)
+        if os.path.exists(os.path.join(task_dir, "history.csv")):
+            os.remove(os.path.join(task_dir, "history.csv"))
 
     _, info = data.load_source(config.dataset, "train", config.data_dir,
                                num_classes=config.num_classes,
@@ -449,9 +451,23 @@ def train_and_evaluate(config, workdir):
     if steps_per_epoch < 1:
         raise TrainingError(f"batch_size {config.batch_size} is larger than the training split")
 
+    history_csv = os.path.join(task_dir, "history.csv")
+    best_checkpoint = backup_lib.AtomicModelCheckpoint(
+        os.path.join(task_dir, "checkpoints", "best.keras"), monitor="val_top1", mode="max",
+        save_best_only=True)
+    plateau = (DivideOnPlateau(config.lr_decay, config.plateau_patience, config.max_lr_drops)
+               if config.schedule == "plateau" else None)
+    keep = {"best_checkpoint": (best_checkpoint, ["best"])}
+    if plateau is not None:
+        keep["plateau"] = (plateau, list(DivideOnPlateau.STATE))
+    # Each worker keeps its own backup (Keras 3 does not coordinate workers writing one file).
+    backup = backup_lib.Backup(os.path.join(task_dir, "backup"),
+                               save_freq=config.checkpoint_every_steps or "epoch", keep=keep,
+                               history_csv=history_csv)
+
     with strategy.scope():
         model = build_model(config, num_classes, pre.image_size, pre.channels)
-        if config.init_from and not os.path.exists(os.path.join(task_dir, "backup")):
+        if config.init_from and not backup.exists():
             try:  # (a resumed run gets its weights from the backup instead)
                 weights.load_weights(model, config.init_from, trust=config.trust_weights,
                                      new_head=True)
@@ -482,31 +498,34 @@ def train_and_evaluate(config, workdir):
         _write_image_grid(task_dir, dataset("train", True)[0], pre)
 
     stop_on_nan = StopOnNaN(steps_per_epoch)
-    backup = keras.callbacks.BackupAndRestore(
-        # Each worker keeps its own (Keras 3 does not coordinate workers writing one file).
-        os.path.join(task_dir, "backup"), save_freq=config.checkpoint_every_steps or "epoch",
-        delete_checkpoint=False)
+    # In the order Keras calls them at an epoch's end: the backup last, so that everything
+    # the epoch wrote is in place when the state that skips it is committed.
     callbacks = [
         stop_on_nan,
-        backup,
+        *([plateau] if plateau is not None else []),
         EpochReport(config.batch_size, steps_per_epoch, config.epochs, train_info.skipped,
                     verbose=chief),
-        keras.callbacks.ModelCheckpoint(os.path.join(task_dir, "checkpoints", "last.keras")),
-        keras.callbacks.ModelCheckpoint(os.path.join(task_dir, "checkpoints", "best.keras"),
-                                        monitor="val_top1", mode="max", save_best_only=True),
-        keras.callbacks.CSVLogger(os.path.join(task_dir, "history.csv"), append=True),
+        keras.callbacks.CSVLogger(history_csv, append=True),
+        backup_lib.AtomicModelCheckpoint(os.path.join(task_dir, "checkpoints", "last.keras")),
+        best_checkpoint,
         keras.callbacks.TensorBoard(os.path.join(task_dir, "tensorboard")),
+        backup,
     ]
-    if config.schedule == "plateau":
-        callbacks.insert(2, DivideOnPlateau(config.lr_decay, config.plateau_patience,
-                                            config.max_lr_drops,
-                                            state_path=os.path.join(task_dir, "plateau.json")))
     start = time.perf_counter()
     work_arounds = keras_compat.fit_work_arounds(
         model, strategy, _dummy_batch(model, strategy, num_classes))
     with work_arounds, _validation_runs_out_quietly():
+        try:
+            initial_epoch = backup.restore(model)
+        except backup_lib.BackupError as e:
+            raise TrainingError(f"{e}; pass --start_over to train from the first epoch "
+                                "(this discards the backup)") from None
+        if initial_epoch and chief:
+            logging.info("Resuming from the backup in %s at epoch %d", backup.directory,
+                         initial_epoch + 1)
         model.fit(
             train_ds,
+            initial_epoch=initial_epoch,
             epochs=config.epochs,
             steps_per_epoch=steps_per_epoch,
             validation_data=val_ds,

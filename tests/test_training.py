@@ -2,6 +2,8 @@
 
 import json
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -140,14 +142,70 @@ def test_resume_after_sigkill_continues_at_the_next_epoch(tmp_path):
     assert int(model.optimizer.iterations) == 3 * 30  # optimizer state came back too
 
 
+def _backup_serial(workdir):
+    path = workdir / "backup" / "state.json"
+    return json.loads(path.read_text())["serial"] if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_sigkill_at_ten_random_moments_loses_nothing(tmp_path):
+    """Kills training 10 times, each at a random moment after a random number (0-12) of its
+    backups: a backup every 2 steps puts many of the kills in the middle of a write. Every rerun
+    must resume, never from an earlier epoch, and the last one finish."""
+    workdir = tmp_path / "run"
+    args = [f"--dataset={tiny_idx(tmp_path, n=1024)}", "--variant=cifar", "--init=keras",
+            "--batch_size=32", "--epochs=8", "--steps_per_epoch=10", "--eval_steps=1",
+            "--checkpoint_every_steps=2", "--schedule=plateau", "--plateau_patience=1",
+            f"--workdir={workdir}"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    rng = random.Random(0)
+    resumed_at, during_a_write, killed = [], 0, 0
+    for kill in range(10):
+        had_backup = (workdir / "backup" / "state.json").exists()
+        ready = "Resuming from the backup" if had_backup else "parameters"
+        log = tmp_path / f"log{kill}.txt"
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                                    cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and ready not in log.read_text():
+            time.sleep(0.02)
+        target = _backup_serial(workdir) + rng.randint(0, 12)
+        while time.time() < deadline and proc.poll() is None and _backup_serial(workdir) < target:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.15))
+        killed += proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        text = log.read_text()
+        assert ready in text and "Traceback" not in text, text[-3000:]
+        if had_backup:
+            resumed_at.append(int(re.search(r"Resuming from the backup in \S+ at epoch (\d+)",
+                                            text).group(1)))
+        if (workdir / "backup" / "state.json").exists():
+            state = json.loads((workdir / "backup" / "state.json").read_text())
+            committed = {state["weights"], (state["previous"] or {}).get("weights"), "state.json"}
+            during_a_write += bool(set(os.listdir(workdir / "backup")) - committed or [
+                name for name in os.listdir(workdir / "checkpoints") if name.startswith(".tmp-")])
+    assert len(resumed_at) >= 8 and resumed_at == sorted(resumed_at)  # never an earlier epoch
+    print(f"killed {killed} times, {during_a_write} of them during a backup or checkpoint write; "
+          f"resumed at epochs {resumed_at}")
+
+    result = run_train(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final: top-1" in result.stdout
+    assert [int(r["epoch"]) for r in history(workdir)] == list(range(8))
+    keras.models.load_model(workdir / "checkpoints" / "last.keras")
+    keras.models.load_model(workdir / "checkpoints" / "best.keras")
+
+
 class _FakeModel:
     def __init__(self, lr):
         self.optimizer = keras.optimizers.SGD(lr)
 
 
-def test_plateau_schedule_divides_by_ten_at_most_three_times(tmp_path):
-    callback = training.DivideOnPlateau(factor=0.1, patience=2, max_drops=3,
-                                        state_path=str(tmp_path / "plateau.json"))
+def test_plateau_schedule_divides_by_ten_at_most_three_times():
+    callback = training.DivideOnPlateau(factor=0.1, patience=2, max_drops=3)
     model = _FakeModel(0.01)
     callback.set_model(model)
     lrs = []
@@ -157,9 +215,6 @@ def test_plateau_schedule_divides_by_ten_at_most_three_times(tmp_path):
     assert lrs[:3] == pytest.approx([0.01] * 3)
     assert lrs[3] == pytest.approx(1e-3)  # two epochs without improvement
     assert lrs[-1] == pytest.approx(1e-5) and callback.drops == 3
-    # The counters survive a restart.
-    again = training.DivideOnPlateau(state_path=str(tmp_path / "plateau.json"))
-    assert again.drops == 3 and again.best == 0.2
 
 
 def test_flagfile_include_and_command_line_override(tmp_path):
@@ -199,6 +254,19 @@ def test_os_errors_are_one_line(tmp_path, full_disk):
     # A full disk: the first checkpoint does not fit in 1 MiB.
     result = run_train([*tiny, f"--workdir={full_disk / 'run'}"], cwd=tmp_path)
     assert_one_line_error(result, "train.py", "No space left on device")
+    # A missing flagfile (absl's own error, made one line).
+    result = run_train(["--flagfile=/no/such/recipe.cfg"], cwd=tmp_path)
+    assert_one_line_error(result, "train.py", "/no/such/recipe.cfg")
+
+
+@pytest.mark.slow
+def test_a_run_on_a_read_only_filesystem_is_one_line(tmp_path, read_only_run):
+    with open(read_only_run / "config.json") as f:
+        dataset = json.load(f)["dataset"]
+    result = run_train([f"--dataset={dataset}", "--variant=cifar", "--lrn=tf_cifar10",
+                        "--init=keras", "--batch_size=32", "--epochs=2", "--steps_per_epoch=2",
+                        f"--workdir={read_only_run}"], cwd=tmp_path)
+    assert_one_line_error(result, "train.py", "Read-only file system", str(read_only_run))
 
 
 @pytest.mark.slow
@@ -209,6 +277,7 @@ def test_os_errors_are_one_line(tmp_path, full_disk):
     (["--strategy=mirrored", "--cpu_replicas=2", "--batch_size=33"],
      "batch_size 33 is not divisible by the 2 replicas"),
     (["--variant=paper", "--image_size=32"], "image_size 32 is too small for variant 'paper'"),
+    (["--epochs=abc"], "flag --epochs=abc: invalid literal for int()"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, args, message):
     dataset = [f"--dataset={tiny_idx(tmp_path)}"] if not any("dataset" in a for a in args) else []

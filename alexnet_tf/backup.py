@@ -1,0 +1,189 @@
+"""Crash-safe training state: what a rerun of the same train.py command resumes from.
+
+A run can die at any moment (kill -9, a full disk, a lost machine), including while it writes.
+`Backup` writes every file under a name nothing reads yet and makes it current with one atomic
+rename, so a rerun finds the last complete state; `AtomicModelCheckpoint` does the same for the
+checkpoints export.py reads.
+"""
+
+import json
+import math
+import os
+
+import keras
+from absl import logging
+
+STATE_FILE = "state.json"
+
+
+class BackupError(RuntimeError):
+    """The resume state cannot be read; one-line message naming the file."""
+
+
+def _replace_atomically(path, text):
+    """Writes `text` to `path` so that a crash leaves either the old file or the new one."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself reaches the disk
+    finally:
+        os.close(directory)
+
+
+class Backup(keras.callbacks.Callback):
+    """Backs up the resume state at every epoch end, and every `save_freq` steps when given.
+
+    Files in `directory`:
+        weights-<n>.weights.h5  the model's and the optimizer's variables at save n
+        state.json              the commit point: the epoch to resume at, the weights file and
+                                the state of the callbacks named in `keep`; also the previous
+                                save's, whose weights file is kept as a fallback
+
+    A save writes a new weights file, then replaces state.json by a rename; a crash before the
+    rename leaves the previous state whole (the half-written file is removed by the next save).
+    A mid-epoch save resumes at the start of that epoch, as keras.callbacks.BackupAndRestore
+    does. Saves stop at the first non-finite loss, so a rerun never resumes from NaN weights.
+
+    `restore(model)` is called before fit, once the model and its optimizer are built: it loads
+    the newest readable state and returns the epoch to resume at.
+
+    Args:
+        directory: where the backup lives (one per worker).
+        save_freq: "epoch", or also every this many training steps.
+        keep: {name: (callback, [attribute, ...])}: callback attributes saved with each state
+            and set again by `restore` (a plateau schedule's counters, the best metric so far).
+        history_csv: a CSVLogger file; `restore` drops its rows of the epochs that will run
+            again, so that each epoch appears once.
+    """
+
+    def __init__(self, directory, save_freq="epoch", keep=None, history_csv=None):
+        super().__init__()
+        self.directory = directory
+        self.save_freq = save_freq
+        self.keep = keep or {}
+        self.history_csv = history_csv
+        self._epoch = 0
+        self._steps = 0
+        self._state = None  # the state.json now on disk
+        self._finite = True
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._finite = self._finite and math.isfinite(float((logs or {}).get("loss", 0.0)))
+        self._steps += 1
+        if self.save_freq != "epoch" and self._steps % self.save_freq == 0:
+            self.save(self._epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save(epoch + 1)
+
+    def save(self, resume_epoch):
+        """Commits the state that resumes at `resume_epoch` (0-based)."""
+        if not self._finite:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        serial = (self._state or {}).get("serial", 0) + 1
+        weights = f"weights-{serial}.weights.h5"
+        self.model.save_weights(os.path.join(self.directory, weights))
+        state = {
+            "serial": serial,
+            "epoch": resume_epoch,
+            "weights": weights,
+            "callbacks": {name: {attribute: getattr(callback, attribute)
+                                 for attribute in attributes}
+                          for name, (callback, attributes) in self.keep.items()},
+        }
+        previous = dict(self._state or {})
+        previous.pop("previous", None)
+        state["previous"] = previous or None
+        _replace_atomically(os.path.join(self.directory, STATE_FILE), json.dumps(state))
+        self._state = state
+        self._remove_unreferenced()
+
+    def _remove_unreferenced(self):
+        referenced = {STATE_FILE, self._state["weights"]}
+        if self._state["previous"]:
+            referenced.add(self._state["previous"]["weights"])
+        for name in os.listdir(self.directory):
+            if name not in referenced:
+                os.remove(os.path.join(self.directory, name))
+
+    # -- restoring ------------------------------------------------------------------------------
+
+    def exists(self):
+        return os.path.exists(os.path.join(self.directory, STATE_FILE))
+
+    def restore(self, model):
+        """Loads the newest readable state into `model` (built, with its optimizer) and the kept
+        callbacks; returns the epoch to resume at (0 when there is no backup). Raises
+        BackupError when nothing in the backup can be read."""
+        self.set_model(model)
+        path = os.path.join(self.directory, STATE_FILE)
+        if not os.path.exists(path):
+            self._drop_history_from(0)  # a run that died before its first backup
+            return 0
+        try:
+            with open(path) as f:
+                newest = json.load(f)
+        except (OSError, ValueError) as e:
+            raise BackupError(f"cannot resume: {path} is unreadable ({e})") from None
+        errors = []
+        for state in (newest, newest.get("previous")):
+            if not state:
+                continue
+            weights = os.path.join(self.directory, state["weights"])
+            try:
+                self.model.load_weights(weights)
+            except (OSError, ValueError, KeyError) as e:  # h5py: OSError; Keras: the others
+                errors.append(f"{weights} is unreadable ({' '.join(str(e).split())})")
+                logging.warning("%s; trying the previous backup", errors[-1])
+                continue
+            if state is not newest:
+                logging.warning("Resuming from the previous backup (epoch %d)", state["epoch"] + 1)
+            for name, values in state["callbacks"].items():
+                callback, _ = self.keep[name]
+                for attribute, value in values.items():
+                    setattr(callback, attribute, value)
+            self._state = dict(state, previous=None)
+            self._drop_history_from(state["epoch"])
+            return state["epoch"]
+        raise BackupError(f"cannot resume: {'; '.join(errors)}")
+
+    def _drop_history_from(self, epoch):
+        """Removes the history rows of epochs >= `epoch` (written before a crash that came
+        before their backup), keeping the header."""
+        if not self.history_csv or not os.path.exists(self.history_csv):
+            return
+        with open(self.history_csv) as f:
+            lines = f.readlines()
+        kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < epoch]
+        if kept != lines:
+            _replace_atomically(self.history_csv, "".join(kept))
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that writes beside its file and renames into place: a crash mid-write
+    leaves the previous checkpoint whole."""
+
+    def _save_model(self, epoch, batch, logs):
+        final = self.filepath
+        directory, name = os.path.split(final)
+        temporary = os.path.join(directory, f".tmp-{name}")  # keeps the .keras ending
+        if os.path.exists(temporary):
+            os.remove(temporary)  # left by a crash
+        self.filepath = temporary
+        try:
+            super()._save_model(epoch, batch, logs)
+        finally:
+            self.filepath = final
+        if os.path.exists(temporary):  # not written when save_best_only saw no improvement
+            os.replace(temporary, final)

@@ -1,0 +1,167 @@
+"""The resume state: atomic saves, fallback to the previous save, history without repeats."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from alexnet_tf import backup as backup_lib
+
+
+class Counter(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.best, self.seen = -np.inf, 0
+
+
+def small_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    return model
+
+
+def train_steps(model, steps):
+    x = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+    for _ in range(steps):
+        model.train_on_batch(x, np.ones((4, 2), np.float32))
+
+
+def fresh(directory, history_csv=None):
+    """A new model and Backup, as a rerun of train.py builds them."""
+    counter = Counter()
+    model = small_model()
+    model.optimizer.build(model.trainable_variables)
+    backup = backup_lib.Backup(str(directory), keep={"counter": (counter, ["best", "seen"])},
+                               history_csv=history_csv)
+    return model, backup, counter
+
+
+def save_epochs(directory, epochs, history_csv=None):
+    """Trains and backs up `epochs` epochs of 2 steps; the weights after each, by epoch."""
+    model, backup, counter = fresh(directory, history_csv)
+    backup.set_model(model)
+    weights = {}
+    for epoch in range(epochs):
+        train_steps(model, 2)
+        counter.best, counter.seen = 0.1 * epoch, epoch
+        backup.on_epoch_end(epoch)
+        weights[epoch + 1] = [w.copy() for w in model.get_weights()]
+    return weights
+
+
+def test_restore_brings_back_weights_optimizer_epoch_and_callback_state(tmp_path):
+    weights = save_epochs(tmp_path, 3)
+    model, backup, counter = fresh(tmp_path)
+    assert backup.restore(model) == 3
+    for restored, saved in zip(model.get_weights(), weights[3]):
+        np.testing.assert_array_equal(restored, saved)
+    assert int(model.optimizer.iterations) == 6  # momentum and step count came back too
+    assert (counter.best, counter.seen) == (pytest.approx(0.2), 2)
+    # Only the newest save and the one before it are kept.
+    assert sorted(os.listdir(tmp_path)) == ["state.json", "weights-2.weights.h5",
+                                            "weights-3.weights.h5"]
+
+
+def test_no_backup_resumes_at_epoch_zero_without_the_history_of_a_run_that_died(tmp_path):
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,loss\n0,1.5\n")  # epoch 0 ended, the run died before its backup
+    model, backup, _ = fresh(tmp_path / "none", str(history))
+    assert not backup.exists() and backup.restore(model) == 0
+    assert history.read_text() == "epoch,loss\n"
+
+
+def test_an_unreadable_newest_save_falls_back_to_the_previous(tmp_path):
+    weights = save_epochs(tmp_path, 3)
+    newest = tmp_path / "weights-3.weights.h5"
+    newest.write_bytes(newest.read_bytes()[:1000])  # what a disk error leaves
+    model, backup, counter = fresh(tmp_path)
+    assert backup.restore(model) == 2
+    for restored, saved in zip(model.get_weights(), weights[2]):
+        np.testing.assert_array_equal(restored, saved)
+    assert counter.seen == 1
+
+
+def test_nothing_readable_is_one_error_naming_the_files(tmp_path):
+    save_epochs(tmp_path, 2)
+    for name in ("weights-1.weights.h5", "weights-2.weights.h5"):
+        (tmp_path / name).write_bytes(b"")
+    model, backup, _ = fresh(tmp_path)
+    with pytest.raises(backup_lib.BackupError, match="weights-2.weights.h5 is unreadable") as e:
+        backup.restore(model)
+    assert "weights-1.weights.h5" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_crash_during_a_save_leaves_the_last_complete_state(tmp_path, monkeypatch):
+    weights = save_epochs(tmp_path, 2)
+    model, backup, _ = fresh(tmp_path)
+    backup.restore(model)
+    backup.set_model(model)
+    train_steps(model, 2)
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed between the weights file and the commit")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        backup.on_epoch_end(2)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 2
+    model, backup, _ = fresh(tmp_path)
+    assert backup.restore(model) == 2
+    for restored, saved in zip(model.get_weights(), weights[2]):
+        np.testing.assert_array_equal(restored, saved)
+
+
+def test_mid_epoch_saves_resume_at_the_start_of_their_epoch(tmp_path):
+    model, backup, _ = fresh(tmp_path)
+    backup.save_freq = 3
+    backup.set_model(model)
+    backup.on_epoch_begin(4)
+    for batch in range(7):
+        backup.on_train_batch_end(batch, {"loss": 1.0})
+    assert json.loads((tmp_path / "state.json").read_text())["serial"] == 2  # after 3 and 6
+    model, backup, _ = fresh(tmp_path)
+    assert backup.restore(model) == 4
+
+
+def test_no_save_after_a_non_finite_loss(tmp_path):
+    model, backup, _ = fresh(tmp_path)
+    backup.set_model(model)
+    backup.on_train_batch_end(0, {"loss": float("nan")})
+    backup.on_epoch_end(0)
+    assert not backup.exists()
+
+
+def test_history_rows_of_epochs_run_again_are_dropped(tmp_path):
+    history = tmp_path / "history.csv"
+    save_epochs(tmp_path / "backup", 2, str(history))
+    # Epoch 2's row was written, then the run died before its backup.
+    history.write_text("epoch,loss\n0,1.5\n1,1.2\n2,1.1\n")
+    model, backup, _ = fresh(tmp_path / "backup", str(history))
+    assert backup.restore(model) == 2
+    assert history.read_text() == "epoch,loss\n0,1.5\n1,1.2\n"
+
+
+def test_model_checkpoint_is_replaced_only_by_a_complete_file(tmp_path, monkeypatch):
+    path = tmp_path / "best.keras"
+    model = small_model()
+    train_steps(model, 1)
+    checkpoint = backup_lib.AtomicModelCheckpoint(str(path), monitor="val_top1", mode="max",
+                                                  save_best_only=True)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"val_top1": 0.5})
+    first = path.read_bytes()
+    assert os.listdir(tmp_path) == ["best.keras"]
+    # A crash while the better model is written: the old file stays whole.
+    monkeypatch.setattr(model, "save", lambda *a, **k: open(a[0], "wb").write(b"half"))
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.on_epoch_end(1, {"val_top1": 0.9})
+    monkeypatch.undo()
+    assert path.read_bytes() == first
+    keras.models.load_model(path)
+    # The next save clears the half-written file; no improvement writes nothing.
+    checkpoint.on_epoch_end(2, {"val_top1": 0.1})
+    assert path.read_bytes() == first and os.listdir(tmp_path) == ["best.keras"]
