@@ -47,4 +47,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from alexnet_tf import cli
+
+    app.run(main, flags_parser=cli.flags_parser("export.py"))

@@ -3,6 +3,7 @@
 import sys
 
 import tensorflow as tf
+from absl import flags
 
 # Errors of the files a user's settings or machine name: a workdir that cannot be created, a full
 # disk, a path without permission. Python raises OSError; TensorFlow's own file code (SavedModel
@@ -32,3 +33,16 @@ def exit_with_error(program, error):
     sys.unraisablehook = lambda unraisable: None
     sys.excepthook = lambda *exc_info: None
     sys.exit(2)
+
+
+def flags_parser(program):
+    """absl's flag parser for app.run(flags_parser=...) with its errors (an unknown flag, a bad
+    value, a missing --flagfile) as one line and exit status 2, like every other user mistake."""
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            exit_with_error(program, str(e).removeprefix("ERROR:: "))
+
+    return parse

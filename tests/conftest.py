@@ -1,6 +1,7 @@
 """Shared test set-up: quiet TensorFlow logs and a fixed seed per test."""
 
 import os
+import shutil
 import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,18 +31,37 @@ def tiny_run(tmp_path_factory):
     return workdir
 
 
+def _mount_tmpfs(mount_point, size):
+    """Mounts a tmpfs of `size` at mount_point; skips the test, saying why, where this process may
+    not mount one."""
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                             str(mount_point)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A directory on a 1 MiB tmpfs: writing more than that fails with "No space left on
-    device". Skips, saying why, where this process may not mount one."""
+    device"."""
     mount_point = tmp_path / "small_disk"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip() or result.returncode}")
+    _mount_tmpfs(mount_point, "1m")
     try:
         yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def read_only_run(tiny_run, tmp_path):
+    """A copy of `tiny_run` on a read-only filesystem (permissions would not stop root)."""
+    mount_point = tmp_path / "read_only"
+    _mount_tmpfs(mount_point, "64m")
+    try:
+        shutil.copytree(tiny_run, mount_point / "run")
+        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        yield mount_point / "run"
     finally:
         subprocess.run(["umount", str(mount_point)], check=False)
 

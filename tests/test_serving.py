@@ -266,6 +266,23 @@ def test_export_os_errors_are_one_line(tiny_run, tmp_path, full_disk):
                             text=True, env=env, cwd=tmp_path)
     assert_one_line_error(result, "export.py")
     assert os.listdir(full_disk / "alexnet") == []  # no version, temporary or claim left
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"),
+                             "--flagfile=/no/such/export.cfg"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert_one_line_error(result, "export.py", "/no/such/export.cfg")
+
+
+@pytest.mark.slow
+def test_a_read_only_run_exports_and_a_read_only_export_dir_is_one_line(read_only_run, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, "export.py"), f"--workdir={read_only_run}"]
+    result = subprocess.run(cmd + [f"--export_dir={tmp_path / 'alexnet'}"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]  # export only reads the run
+    assert os.listdir(tmp_path / "alexnet") == ["1"]
+    result = subprocess.run(cmd + [f"--export_dir={read_only_run / 'exports'}"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert_one_line_error(result, "export.py", "Read-only file system")
 
 
 @pytest.mark.slow
