@@ -5,7 +5,7 @@ import keras
 from alexnet_tf.layers import Dense, GroupedConv2D
 from alexnet_tf.lrn import LRN_PRESETS, LocalResponseNormalization
 
-VARIANTS = ("paper", "single_tower", "one_weird_trick", "cifar")
+VARIANTS = ("paper", "single_tower", "one_weird_trick", "cifar", "small")
 INITS = ("paper", "caffe", "keras")
 
 # Input size each variant was designed for (height = width).
@@ -14,6 +14,7 @@ DEFAULT_IMAGE_SIZE = {
     "single_tower": 227,
     "one_weird_trick": 224,  # torchvision / cuda-convnet2 pad conv1 by 2 instead
     "cifar": 32,
+    "small": 32,
 }
 
 # Paper §5: "We initialized the neuron biases in the second, fourth, and fifth convolutional layers,
@@ -60,15 +61,19 @@ def AlexNet(
         variant: "paper" (two towers: conv2/4/5 in 2 groups, LRN; 60,965,224 parameters at 1000
             classes, the BVLC Caffe count), "single_tower" (same widths, no groups; 62,378,344),
             "one_weird_trick" (torchvision's 64/192/384/256/256 layout, no LRN, 224 input, adaptive
-            average pool to 6x6; 61,100,840) or "cifar" (the small two-conv model of the TensorFlow
-            CIFAR-10 tutorial for 32x32 or 28x28 images).
+            average pool to 6x6; 61,100,840), "cifar" (the two-conv model of the TensorFlow CIFAR-10
+            tutorial: 5x5 SAME convolutions, LRN, fc 384/192; 1,756,426 at 32x32x3 and 10 classes)
+            or "small" (the small AlexNet this project's seed write-up prints, a PyTorch model for
+            32x32 images: 5x5 VALID convolutions of 64 and 64 filters, no LRN, no dropout,
+            fc 1024 -> 384 -> 192; 576,778). Both small ones also take 28x28 images.
         input_shape: `(height, width, channels)`; defaults to the variant's size with 3 channels.
             Any channel count works. With `include_top=False` height and width may be None.
         lrn: LRN preset ("paper", "caffe", "tf_cifar10") or None to leave LRN out. Ignored by
-            "one_weird_trick", which has none.
+            "one_weird_trick" and "small", which have none.
         init: "paper" (N(0, 0.01) weights, biases 1 in conv2/4/5 and fc6/7, paper §5), "caffe"
             (BVLC: those biases 0.1, fc6/fc7 weights N(0, 0.005)) or "keras" (Keras defaults).
-        dropout: dropout rate before fc7 and fc8 (paper §4.2: 0.5); 0 disables it.
+        dropout: dropout rate before fc7 and fc8 (paper §4.2: 0.5); 0 disables it. Ignored by
+            "small", which has none.
         include_top: False returns the convolutional feature extractor (output of pool5).
         name: model name; defaults to "alexnet_<variant>".
         grouped_conv_implementation: "split" (the towers, runs everywhere) or "native" (one
@@ -157,12 +162,17 @@ def AlexNet(
         if include_top:
             x = keras.layers.AdaptiveAveragePooling2D((6, 6), name="avgpool")(x)
         hidden = (4096, 4096)
-    else:  # cifar: tensorflow/models tutorials/image/cifar10 (SAME padding throughout)
+    elif variant == "cifar":  # tensorflow/models tutorials/image/cifar10 (SAME padding throughout)
         x = conv(inputs, 64, 5, "conv1")
         x = norm(pool(x, "pool1", padding="same"), "lrn1")
         x = conv(x, 64, 5, "conv2")
         x = pool(norm(x, "lrn2"), "pool2", padding="same")
         hidden = (384, 192)
+    else:  # small: as the seed write-up prints it; 32 -> 28 -> 13 -> 9 -> 4, and 4*4*64 = 1024
+        x = pool(conv(inputs, 64, 5, "conv1", padding="valid"), "pool1")
+        x = pool(conv(x, 64, 5, "conv2", padding="valid"), "pool2")
+        hidden = (384, 192)
+        dropout = 0.0
 
     if include_top:
         x = keras.layers.Flatten(name="flatten")(x)

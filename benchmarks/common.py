@@ -3,9 +3,14 @@
 PyTorch is a reference only (`pip install torch==2.13.0`), never a dependency of alexnet_tf.
 """
 
+import os
+import sys
 import time
 
 import numpy as np
+
+# The repository root, for tests/torch_reference.py (the benchmarks run as scripts).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def forward_flops(model):
@@ -52,46 +57,17 @@ def matmul_peak_gflops(n=4096, repeats=10, dtype="float32"):
 
 
 def torch_alexnet(variant, num_classes=1000, lrn=True):
-    """The same network in PyTorch (NCHW): paper / single_tower (LRN as in the paper, k=2) or
-    one_weird_trick (torchvision's layout). `lrn=False` leaves PyTorch's LocalResponseNorm out:
-    the speed PyTorch would reach with an LRN that cost nothing (a bound, not the same network)."""
-    import torch
-    from torch import nn
+    """The same network in PyTorch (NCHW), from tests/torch_reference.py: paper / single_tower
+    (LRN as in the paper, k=2) or one_weird_trick (torchvision's layout). `lrn=False` leaves
+    PyTorch's LocalResponseNorm out: the speed PyTorch would reach with an LRN that cost nothing
+    (a bound, not the same network)."""
+    from tests import torch_reference
 
     if variant == "one_weird_trick":
-        features = [
-            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.AdaptiveAvgPool2d((6, 6)),
-        ]
-    elif variant in ("paper", "single_tower"):
-        g = 2 if variant == "paper" else 1
-        # torch divides alpha by size: 1e-4 each, as in the paper.
-        def norm():
-            if not lrn:
-                return nn.Identity()
-            return nn.LocalResponseNorm(size=5, alpha=5e-4, beta=0.75, k=2.0)
-
-        features = [
-            nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(), norm(),
-            nn.MaxPool2d(3, 2),
-            nn.Conv2d(96, 256, 5, padding=2, groups=g), nn.ReLU(), norm(),
-            nn.MaxPool2d(3, 2),
-            nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(384, 384, 3, padding=1, groups=g), nn.ReLU(),
-            nn.Conv2d(384, 256, 3, padding=1, groups=g), nn.ReLU(), nn.MaxPool2d(3, 2),
-        ]
-    else:
-        raise ValueError(f"no PyTorch reference for variant {variant!r}")
-    return nn.Sequential(
-        *features, nn.Flatten(),
-        nn.Dropout(0.5), nn.Linear(9216, 4096), nn.ReLU(),
-        nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(),
-        nn.Linear(4096, num_classes),
-    )
+        return torch_reference.TorchvisionAlexNet(num_classes)
+    if variant in ("paper", "single_tower"):
+        return torch_reference.alexnet(variant, num_classes, lrn="paper" if lrn else None)
+    raise ValueError(f"no PyTorch reference for variant {variant!r}")
 
 
 def torch_threads(threads):

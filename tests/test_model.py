@@ -19,10 +19,13 @@ from alexnet_tf.layers import onednn_enabled
         ("one_weird_trick", 61_100_840),
         # TF CIFAR-10 tutorial: 5*5*3*64+64 + 5*5*64*64+64 + 8*8*64*384+384 + 384*192+192 + 192*10+10
         ("cifar", 4864 + 102_464 + 1_573_248 + 73_920 + 1_930),
+        # The seed write-up's small AlexNet, as it prints it (its PyTorch module is in
+        # test_small_variant_matches_the_seed_pytorch_model).
+        ("small", 576_778),
     ],
 )
 def test_parameter_counts(variant, expected):
-    num_classes = 10 if variant == "cifar" else 1000
+    num_classes = 10 if variant in ("cifar", "small") else 1000
     assert AlexNet(num_classes, variant=variant).count_params() == expected
 
 
@@ -37,6 +40,9 @@ def test_parameter_counts(variant, expected):
         ("one_weird_trick", (256, 200, 1), 5),
         ("cifar", (32, 32, 3), 10),
         ("cifar", (28, 28, 1), 10),
+        ("small", (32, 32, 3), 10),
+        ("small", (28, 28, 1), 10),
+        ("small", (19, 19, 3), 4),  # the smallest input it takes
     ],
 )
 def test_output_shapes(variant, input_shape, num_classes):
@@ -237,3 +243,33 @@ def test_dense_config_round_trips_and_rejects_unknown_implementation():
     assert clone.implementation == "tf" and clone.units == 8
     with pytest.raises(ValueError, match="implementation must be one of"):
         Dense(8, implementation="mkl")
+
+
+def test_small_variant_matches_the_seed_pytorch_model():
+    torch = pytest.importorskip("torch")
+    from tests import torch_reference
+
+    model = AlexNet(10, variant="small", init="keras")
+    assert not [layer for layer in model.layers
+                if isinstance(layer, (alexnet_tf.LocalResponseNormalization, keras.layers.Dropout))]
+    reference = torch_reference.SeedSmallAlexNet()
+    kernel = {name: model.get_layer(name).get_weights() for name in
+              ("conv1", "conv2", "fc6", "fc7", "fc8")}
+    # Keras flattens pool2's 4x4x64 output as (height, width, channel), PyTorch as (channel,
+    # height, width): fc1's input rows are reordered accordingly.
+    fc6 = kernel["fc6"][0].reshape(4, 4, 64, 384).transpose(3, 2, 0, 1).reshape(384, 1024)
+    with torch.no_grad():
+        for module, name in ((reference.conv1[0], "conv1"), (reference.conv2[0], "conv2")):
+            module.weight.copy_(torch.from_numpy(kernel[name][0].transpose(3, 2, 0, 1)))
+            module.bias.copy_(torch.from_numpy(kernel[name][1]))
+        reference.fc1[0].weight.copy_(torch.from_numpy(fc6))
+        for module, name in ((reference.fc1[0], "fc6"), (reference.fc2[0], "fc7"),
+                             (reference.fc3, "fc8")):
+            if name != "fc6":
+                module.weight.copy_(torch.from_numpy(kernel[name][0].T))
+            module.bias.copy_(torch.from_numpy(kernel[name][1]))
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    expected = torch_reference.logits(reference, images)
+    assert np.abs(expected).max() > 1e-2
+    np.testing.assert_allclose(model.predict(images, verbose=0), expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())

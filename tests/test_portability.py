@@ -73,7 +73,7 @@ def test_the_setting_reaches_tensorflow(worker):
 def test_every_variant_trains_evaluates_and_predicts(worker):
     _, report = worker
     assert sorted(report["variants"]) == sorted(["paper", "single_tower", "one_weird_trick",
-                                                 "cifar"])
+                                                 "cifar", "small"])
     for variant, (train_loss, eval_loss) in report["variants"].items():
         assert np.isfinite([train_loss, eval_loss]).all(), variant
 

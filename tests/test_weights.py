@@ -14,50 +14,7 @@ from tests.helpers import smooth_image, write_folder_tree
 from tests.helpers import run_train, tiny_config, tiny_idx
 
 torch = pytest.importorskip("torch")  # a test-only dependency (extra "test")
-nn = torch.nn
-
-
-def caffe_reference():
-    """BVLC AlexNet (deploy.prototxt) in PyTorch: two groups, Caffe LRN, conv-relu-norm-pool."""
-    lrn = dict(size=5, alpha=1e-4, beta=0.75, k=1.0)  # torch divides alpha by size, as Caffe
-    return nn.Sequential(
-        nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(), nn.LocalResponseNorm(**lrn), nn.MaxPool2d(3, 2),
-        nn.Conv2d(96, 256, 5, padding=2, groups=2), nn.ReLU(), nn.LocalResponseNorm(**lrn),
-        nn.MaxPool2d(3, 2),
-        nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 384, 3, padding=1, groups=2), nn.ReLU(),
-        nn.Conv2d(384, 256, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Flatten(), nn.Linear(9216, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
-        nn.Linear(4096, 1000),
-    ).eval()
-
-
-class TorchvisionAlexNet(nn.Module):
-    """torchvision.models.alexnet, written out (same module names, so the same state_dict keys)."""
-
-    def __init__(self, num_classes=1000):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
-        )
-        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.classifier = nn.Sequential(
-            nn.Dropout(0.5), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
-            nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
-            nn.Linear(4096, num_classes),
-        )
-
-    def forward(self, x):
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-
-def torch_logits(model, images_nhwc):
-    with torch.no_grad():
-        return model(torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
+from tests import torch_reference  # noqa: E402  (imports torch)
 
 
 def assert_logits_close(actual, expected):
@@ -68,7 +25,7 @@ def assert_logits_close(actual, expected):
 
 def caffe_npy(reference, path, layout):
     """Saves the reference's weights as {layer: [W, b]}: "caffe" blobs or caffe-tensorflow's."""
-    params = [m for m in reference if isinstance(m, (nn.Conv2d, nn.Linear))]
+    params = [m for m in reference if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     blobs = {}
     for name, module in zip(weights.LAYER_NAMES, params):
         w, b = module.weight.detach().numpy(), module.bias.detach().numpy()
@@ -86,7 +43,7 @@ def caffe_npy(reference, path, layout):
 @pytest.fixture(scope="module")
 def caffe_model_and_reference():
     torch.manual_seed(0)
-    return AlexNet(variant="paper", lrn="caffe"), caffe_reference()
+    return AlexNet(variant="paper", lrn="caffe"), torch_reference.alexnet("paper", lrn="caffe")
 
 
 @pytest.mark.slow
@@ -106,7 +63,7 @@ def test_caffe_npy_matches_pytorch_reference(tmp_path, caffe_model_and_reference
     # The same inputs computed independently: centre 227 crop, RGB -> BGR, minus the BGR mean.
     bgr = rgb[:, 14:241, 14:241, ::-1].astype(np.float32) - np.float32(weights.CAFFE_MEAN_BGR)
     np.testing.assert_allclose(ours, bgr, atol=1e-3)
-    assert_logits_close(model.predict(ours, verbose=0), torch_logits(reference, bgr))
+    assert_logits_close(model.predict(ours, verbose=0), torch_reference.logits(reference, bgr))
 
 
 @pytest.mark.slow
@@ -122,7 +79,7 @@ def test_caffe_npy_needs_caffe_lrn(tmp_path, caffe_model_and_reference):
 @pytest.mark.slow
 def test_torchvision_state_dict_matches_pytorch_reference(tmp_path):
     torch.manual_seed(1)
-    reference = TorchvisionAlexNet().eval()
+    reference = torch_reference.TorchvisionAlexNet().eval()
     path = str(tmp_path / "alexnet.pth")
     torch.save(reference.state_dict(), path)
     model = AlexNet(variant="one_weird_trick")
@@ -136,13 +93,13 @@ def test_torchvision_state_dict_matches_pytorch_reference(tmp_path):
     expected_input = (crop - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
     np.testing.assert_allclose(ours, expected_input, atol=1e-4)
     assert_logits_close(model.predict(ours, verbose=0),
-                        torch_logits(reference, expected_input.astype(np.float32)))
+                        torch_reference.logits(reference, expected_input.astype(np.float32)))
 
 
 @pytest.mark.slow
 def test_new_head_keeps_fc8_and_loads_the_rest(tmp_path):
     torch.manual_seed(2)
-    reference = TorchvisionAlexNet()
+    reference = torch_reference.TorchvisionAlexNet()
     path = str(tmp_path / "alexnet.pth")
     torch.save(reference.state_dict(), path)
     model = AlexNet(num_classes=5, variant="one_weird_trick", input_shape=(64, 64, 3))
@@ -219,7 +176,7 @@ def test_fine_tune_from_checkpoint_trains_only_the_head(tiny_run, tmp_path):
 def test_train_py_fine_tunes_torchvision_weights_on_a_folder(tmp_path):
     torch.manual_seed(3)
     path = str(tmp_path / "alexnet.pth")
-    torch.save(TorchvisionAlexNet().state_dict(), path)
+    torch.save(torch_reference.TorchvisionAlexNet().state_dict(), path)
     for split in ("train", "val"):
         write_folder_tree(str(tmp_path / "photos" / split), classes=("cat", "dog", "owl"),
                           size=(80, 90))
