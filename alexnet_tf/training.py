@@ -20,11 +20,13 @@ from absl import logging
 
 from alexnet_tf import backup as backup_lib
 from alexnet_tf import data, keras_compat, layers, model as model_lib, preprocessing, weights
+from alexnet_tf.lrn import LRN_PRESETS
 
-STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device", "tpu")
-SCHEDULES = ("plateau", "step", "cosine", "constant")
-OPTIMIZERS = ("sgd", "adam")
-PCA_CHOICES = ("imagenet", "dataset", "none")
+
+
+def _setting(default, help_text, choices=None):
+    """A TrainConfig field: its default, its help and its choices (None: any value)."""
+    return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
 
 
 class TrainingError(RuntimeError):
@@ -35,57 +37,93 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     """Every setting of a run. Defaults are the paper's ImageNet recipe (§5) where it has one."""
 
-    dataset: str = "fashion_mnist"  # a source string of alexnet_tf.data
-    data_dir: str | None = None  # TFDS data directory
-    variant: str = "paper"
-    num_classes: int | None = None  # None: from the dataset
-    image_size: int | None = None  # None: the variant's (227) or the images' own for small ones
-    lrn: str = "paper"  # a preset of LRN_PRESETS, or "none"
-    init: str = "paper"
-    dropout: float = 0.5  # paper §4.2
-    batch_size: int = 128  # global batch, paper §5
-    epochs: int = 90  # paper §5: "roughly 90 cycles"
-    steps_per_epoch: int | None = None  # None: one pass over the training split
-    eval_steps: int | None = None  # None: the whole validation split
-    optimizer: str = "sgd"
-    learning_rate: float = 0.01  # paper §5
-    momentum: float = 0.9  # paper §5
-    weight_decay: float = 5e-4  # paper §5, coupled with momentum as in the paper's update rule
-    schedule: str = "plateau"  # paper §5: divide by 10 when validation error stops improving
-    lr_decay: float = 0.1
-    plateau_patience: int = 3  # epochs without improvement of validation top-1 before a drop
-    max_lr_drops: int = 3  # paper §5: "reduced three times prior to termination"
-    step_size: int = 100_000  # iterations between drops for schedule=step (BVLC solver)
-    warmup_epochs: float = 0.0
-    scale_lr_batch: int | None = None  # scale lr by batch_size / this (linear scaling rule)
-    crop: str = "paper"  # paper | inception (photos); small images always pad-crop
-    pad: int | None = None  # small images: padding of the random crop (None: image_size // 8)
-    pca: str = "imagenet"  # imagenet | dataset (computed from a training sample) | none
-    max_pixels: int = preprocessing.MAX_PIXELS  # larger encoded images are skipped and counted
-    cache: bool = False
-    shuffle_buffer: int = 10_000
-    one_based_labels: bool = False
-    strategy: str = "auto"
-    cpu_replicas: int = 1  # split the CPU into this many logical devices (tests the mirrored path)
-    mixed_precision: str = "none"  # none | float16 | bfloat16 | auto (see native_mixed_precision)
-    jit_compile: bool = False
-    seed: int | None = None
-    ten_crop_eval: bool = False  # final evaluation with the paper's 10-crop averaging
-    checkpoint_every_steps: int | None = None  # extra mid-epoch backups for long epochs
-    start_over: bool = False  # discard the workdir's backup and history instead of resuming
-    init_from: str | None = None  # weights to start from: .npy (Caffe), .pth (torchvision), .keras
-    trainable: str = "all"  # "all" or the layers to train, e.g. "fc6,fc7,fc8" (the rest frozen)
-    trust_weights: bool = False  # allow unpickling a Caffe .npy (a pickle can run code)
+    # Each setting: its default, what it does (train.py's flag help) and, for a choice, the
+    # values it takes (train.py's flag refuses others, validate() too).
+    dataset: str = _setting(
+        "fashion_mnist", "tfds:<name> | tfrecord:<glob> | folder:<path> | fashion_mnist[:<dir>] "
+        "| mnist[:<dir>] (see alexnet_tf.data).")
+    data_dir: str | None = _setting(None, "TFDS data directory.")
+    variant: str = _setting("paper", "AlexNet variant (see alexnet_tf.AlexNet).",
+                            model_lib.VARIANTS)
+    num_classes: int | None = _setting(None, "Classes of fc8; default: the dataset's.")
+    image_size: int | None = _setting(
+        None, "Crop size fed to the model; default: the variant's (paper and single_tower 227, "
+        "one_weird_trick 224, cifar and small 32), or the images' own for small images such as "
+        "MNIST's 28.")
+    lrn: str = _setting("paper", "LRN preset, or none.", (*LRN_PRESETS, "none"))
+    init: str = _setting("paper", "Weight initialisation (paper §5, BVLC Caffe, Keras defaults).",
+                         model_lib.INITS)
+    dropout: float = _setting(0.5, "Dropout rate of fc6/fc7 (paper §4.2).")
+    batch_size: int = _setting(128, "Global batch size, split across replicas (paper §5).")
+    epochs: int = _setting(90, "Training epochs (paper §5: roughly 90).")
+    steps_per_epoch: int | None = _setting(
+        None, "Steps per epoch; default: one pass over the training split.")
+    eval_steps: int | None = _setting(
+        None, "Validation batches per evaluation; default: the whole split.")
+    optimizer: str = _setting("sgd", "Optimizer.", ("sgd", "adam"))
+    learning_rate: float = _setting(0.01, "Base learning rate (paper §5).")
+    momentum: float = _setting(0.9, "SGD momentum (paper §5).")
+    weight_decay: float = _setting(
+        5e-4, "L2 weight decay on kernels, coupled with momentum as in the paper's update rule.")
+    schedule: str = _setting(
+        "plateau", "Learning-rate schedule; plateau divides by --lr_decay when validation top-1 "
+        "stops improving (paper §5).", ("plateau", "step", "cosine", "constant"))
+    lr_decay: float = _setting(0.1, "Factor of each learning-rate drop (plateau and step).")
+    plateau_patience: int = _setting(
+        3, "Epochs without a better validation top-1 before a drop.")
+    max_lr_drops: int = _setting(
+        3, "At most this many plateau drops (paper §5: reduced three times).")
+    step_size: int = _setting(
+        100_000, "Iterations between drops for --schedule=step (BVLC solver).")
+    warmup_epochs: float = _setting(0.0, "Linear warm-up epochs (cosine).")
+    scale_lr_batch: int | None = _setting(
+        None, "Scale the learning rate by batch_size / this (linear scaling rule).")
+    crop: str = _setting("paper", "Training crop for photos; small images are always padded and "
+                         "cropped.", ("paper", "inception"))
+    pad: int | None = _setting(
+        None, "Small images: zero padding of the random crop (default image_size // 8; 0: no "
+        "crop).")
+    pca: str = _setting("imagenet", "PCA lighting eigen-pairs: ImageNet's, computed from 1,000 "
+                        "training images, or no lighting.", ("imagenet", "dataset", "none"))
+    max_pixels: int = _setting(
+        preprocessing.MAX_PIXELS, "Encoded images whose header declares more pixels are skipped "
+        "and counted, not decoded (decompression bombs); export.py's default budget.")
+    cache: bool = _setting(False, "Cache decoded records in memory (small datasets).")
+    shuffle_buffer: int = _setting(10_000, "Shuffle buffer size in records.")
+    one_based_labels: bool = _setting(False, "TFRecord labels start at 1.")
+    strategy: str = _setting("auto", "tf.distribute strategy; auto: every visible GPU, else the "
+                             "CPU.", ("auto", "mirrored", "multi_worker", "one_device", "tpu"))
+    cpu_replicas: int = _setting(
+        1, "Split the CPU into this many logical devices (exercises mirrored on CPU).")
+    mixed_precision: str = _setting(
+        "none", "auto: bfloat16 or float16 where the GPU or CPU computes it natively, else none.",
+        ("none", "float16", "bfloat16", "auto"))
+    jit_compile: bool = _setting(False, "Compile the train step with XLA.")
+    seed: int | None = _setting(
+        None, "Seed for initialisation, shuffling and augmentation (deterministic pipeline).")
+    ten_crop_eval: bool = _setting(
+        False, "Final evaluation with 10-crop averaging (paper §4.1).")
+    checkpoint_every_steps: int | None = _setting(
+        None, "Also back up every N steps (default: every epoch).")
+    start_over: bool = _setting(
+        False, "Discard the workdir's backup and history and train from the first epoch "
+        "(default: resume from them).")
+    init_from: str | None = _setting(
+        None, "Start from these weights: bvlc_alexnet.npy (Caffe), a torchvision .pth, or a "
+        ".keras checkpoint; fc8 is new when the class count differs.")
+    trainable: str = _setting(
+        "all", "all, or the comma-separated layers to train (e.g. fc6,fc7,fc8); others frozen.")
+    trust_weights: bool = _setting(
+        False, "Allow unpickling a Caffe .npy file (a pickle can run code; only for files you "
+        "trust).")
 
     def validate(self):
         checks = [
-            (self.variant in model_lib.VARIANTS, f"unknown variant {self.variant!r}; choose one of {model_lib.VARIANTS}"),
-            (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}"),
-            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}"),
-            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}"),
-            (self.pca in PCA_CHOICES, f"unknown pca {self.pca!r}; choose one of {PCA_CHOICES}"),
-            (self.mixed_precision in ("none", "float16", "bfloat16", "auto"), f"unknown mixed_precision {self.mixed_precision!r}; choose none, float16, bfloat16 or auto"),
-            (self.crop in ("paper", "inception"), f"unknown crop {self.crop!r}; choose paper or inception"),
+            (getattr(self, field.name) in field.metadata["choices"],
+             f"unknown {field.name} {getattr(self, field.name)!r}; choose one of "
+             f"{', '.join(field.metadata['choices'])}")
+            for field in dataclasses.fields(self) if field.metadata["choices"]
+        ] + [
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
             (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
             (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
@@ -416,9 +454,10 @@ def train_and_evaluate(config, workdir):
                                one_based_labels=config.one_based_labels)
     num_classes = config.num_classes or info.num_classes
     pre = _preprocess_config(config, info, task_dir)
-    # cifar: two 2x poolings; paper: conv1..pool5 need 67; one_weird_trick: Keras' adaptive
-    # pooling cannot upsample, so pool5 must be at least 6x6 (224 is the design size).
-    min_size = {"cifar": 8, "one_weird_trick": 223}.get(config.variant, 67)
+    # cifar: two 2x poolings; small: two VALID 5x5 convolutions and poolings need 19; paper:
+    # conv1..pool5 need 67; one_weird_trick: Keras' adaptive pooling cannot upsample, so pool5
+    # must be at least 6x6 (224 is the design size).
+    min_size = {"cifar": 8, "small": 19, "one_weird_trick": 223}.get(config.variant, 67)
     if pre.image_size < min_size:
         raise TrainingError(
             f"image_size {pre.image_size} is too small for variant {config.variant!r} "

@@ -1,5 +1,6 @@
 """train.py / training.train_and_evaluate: end-to-end runs per strategy, flags, resume, schedule."""
 
+import dataclasses
 import json
 import os
 import random
@@ -243,6 +244,15 @@ def test_shipped_configs_parse_and_validate(name):
     train.FLAGS.unparse_flags()
 
 
+def test_each_choice_is_checked_when_the_config_comes_from_python():
+    choices = [f for f in dataclasses.fields(training.TrainConfig) if f.metadata["choices"]]
+    assert {f.name for f in choices} >= {"variant", "lrn", "schedule", "strategy", "pca"}
+    for field in choices:
+        training.TrainConfig(**{field.name: field.metadata["choices"][-1]}).validate()
+        with pytest.raises(training.TrainingError, match=f"unknown {field.name} 'bogus'"):
+            training.TrainConfig(**{field.name: "bogus"}).validate()
+
+
 @pytest.mark.slow
 def test_os_errors_are_one_line(tmp_path, full_disk):
     dataset = f"--dataset={tiny_idx(tmp_path)}"
@@ -271,7 +281,7 @@ def test_a_run_on_a_read_only_filesystem_is_one_line(tmp_path, read_only_run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--variant=vgg"], "unknown variant 'vgg'"),
+    (["--variant=vgg"], "flag --variant=vgg: value should be one of <paper|single_tower|"),
     (["--dataset=imagenet"], "unknown dataset 'imagenet'"),
     (["--dataset=fashion_mnist:/no/such/dir"], "/no/such/dir/train-images-idx3-ubyte.gz not found"),
     (["--strategy=mirrored", "--cpu_replicas=2", "--batch_size=33"],
