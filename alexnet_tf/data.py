@@ -33,9 +33,6 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-# Fashion-MNIST pixel statistics in [0, 255] (training set), for mean subtraction.
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = 72.94, 90.02
-MNIST_MEAN, MNIST_STD = 33.32, 78.57
 FOLDER_VAL_FRACTION = 0.1
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "eval": "validation"}
 
@@ -309,8 +306,8 @@ def default_preprocess_config(info, variant_image_size, image_size=None):
     if info.small_images:
         size = image_size or info.image_size[0]
         mean, std = {
-            "fashion_mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
-            "mnist": (MNIST_MEAN, MNIST_STD),
+            "fashion_mnist": preprocessing.FASHION_MNIST_MEAN_STD,
+            "mnist": preprocessing.MNIST_MEAN_STD,
         }.get(info.source.split(":")[0], (127.5, 127.5))
         return preprocessing.PreprocessConfig(
             image_size=size, resize_size=size, channels=channels,
@@ -321,7 +318,7 @@ def default_preprocess_config(info, variant_image_size, image_size=None):
     size = image_size or variant_image_size
     mean = preprocessing.IMAGENET_MEAN if channels == 3 else (sum(preprocessing.IMAGENET_MEAN) / 3,)
     return preprocessing.PreprocessConfig(
-        image_size=size, resize_size=round(size * 256 / 227) if size != 227 else 256,
+        image_size=size, resize_size=preprocessing.resize_size_for(size),
         channels=channels, mean=mean, std=(1.0,) * channels,
     )
 

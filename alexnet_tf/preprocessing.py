@@ -12,9 +12,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-# ImageNet RGB statistics in [0, 255] (the usual torchvision / Caffe values).
+# Per-channel statistics in [0, 255] that models are trained with; every one of them lives here.
+# ImageNet's RGB mean as VGG's Caffe models subtract it (BGR 103.939, 116.779, 123.68): this
+# project's mean for photos (with std 1, as the paper subtracts the mean only).
 IMAGENET_MEAN = (123.68, 116.779, 103.939)
-IMAGENET_STD = (58.393, 57.12, 57.375)
+# BVLC Caffe's classification example: ilsvrc_2012_mean.npy per channel, in BGR order.
+CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+# torchvision's Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), times 255.
+TORCHVISION_MEAN = (123.675, 116.28, 103.53)
+TORCHVISION_STD = (58.395, 57.12, 57.375)
+# Training-set pixel mean and standard deviation of the grey digit and clothing datasets.
+FASHION_MNIST_MEAN_STD = (72.94, 90.02)
+MNIST_MEAN_STD = (33.32, 78.57)
 # PCA of ImageNet RGB pixels in [0, 1], as used by fb.resnet.torch (transforms.lua, Lighting).
 # Columns of IMAGENET_EIGVEC are the eigenvectors.
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
@@ -94,6 +103,12 @@ class PreprocessConfig:
 
 # --------------------------------------------------------------------------------------------
 # Decoding
+
+
+def resize_size_for(image_size):
+    """The shorter side a photo is resized to before an image_size crop: 256 for the paper's 224
+    and Caffe's 227 (paper §2: images down-sampled to 256 x 256), in proportion for other sizes."""
+    return 256 if image_size in (224, 227) else round(image_size * 256 / 227)
 
 
 def is_encoded(image):

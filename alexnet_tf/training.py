@@ -132,16 +132,15 @@ class TrainConfig:
             (self.cpu_replicas >= 1, f"cpu_replicas must be >= 1, got {self.cpu_replicas}"),
             (not self.init_from or os.path.exists(self.init_from),
              f"--init_from={self.init_from}: no such file"),
-            (not (self.init_from or "").endswith(".npy")
-             or (self.variant, self.lrn) == ("paper", "caffe"),
-             "Caffe .npy weights fit --variant=paper --lrn=caffe only"),
-            (not (self.init_from or "").endswith((".pth", ".pt"))
-             or self.variant == "one_weird_trick",
-             "torchvision .pth weights fit --variant=one_weird_trick only"),
         ]
         for ok, message in checks:
             if not ok:
                 raise TrainingError(message)
+        if self.init_from:
+            try:
+                weights.check_fits(self.init_from, self.variant, self.lrn)
+            except weights.WeightsError as e:
+                raise TrainingError(str(e)) from None
         data.parse_source(self.dataset)
 
     def to_json(self, path):
@@ -370,7 +369,7 @@ def _preprocess_config(config, info, workdir):
         pre.crop = config.crop
     elif config.pad is not None:
         pre.pad = config.pad
-    convention = weights.preprocess_config_for(config.init_from or "")
+    convention = config.init_from and weights.preprocess_config_for(config.init_from)
     if convention is not None and pre.channels == 3:
         logging.info("%s expects %s input with mean %s and std %s", config.init_from,
                      "BGR" if convention.bgr else "RGB", convention.mean, convention.std)

@@ -16,6 +16,7 @@ without any error, so the loaders check what they can):
   (224x224), RGB input with torchvision's mean and std (`torchvision_preprocess_config`).
 """
 
+import dataclasses
 import os
 import warnings
 
@@ -27,12 +28,6 @@ from alexnet_tf import preprocessing
 from alexnet_tf.lrn import LRN_PRESETS, LocalResponseNormalization
 
 LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
-
-# Caffe's classification example: the mean of ilsvrc_2012_mean.npy per channel, in BGR order.
-CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
-# torchvision's Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]) in [0, 255].
-TORCHVISION_MEAN = (123.675, 116.28, 103.53)
-TORCHVISION_STD = (58.395, 57.12, 57.375)
 
 # torchvision.models.alexnet's state_dict keys -> our layer names.
 _TORCHVISION_LAYERS = {
@@ -53,15 +48,16 @@ class WeightsError(ValueError):
 
 def caffe_preprocess_config(**overrides):
     """The `PreprocessConfig` BVLC AlexNet was trained with: BGR, Caffe's mean, no std."""
-    fields = dict(image_size=227, resize_size=256, channels=3, mean=CAFFE_MEAN_BGR, bgr=True)
+    fields = dict(image_size=227, resize_size=preprocessing.resize_size_for(227), channels=3,
+                  mean=preprocessing.CAFFE_MEAN_BGR, bgr=True)
     fields.update(overrides)
     return preprocessing.PreprocessConfig(**fields)
 
 
 def torchvision_preprocess_config(**overrides):
     """The `PreprocessConfig` torchvision's AlexNet expects: RGB, ImageNet mean and std."""
-    fields = dict(image_size=224, resize_size=256, channels=3, mean=TORCHVISION_MEAN,
-                  std=TORCHVISION_STD)
+    fields = dict(image_size=224, resize_size=preprocessing.resize_size_for(224), channels=3,
+                  mean=preprocessing.TORCHVISION_MEAN, std=preprocessing.TORCHVISION_STD)
     fields.update(overrides)
     return preprocessing.PreprocessConfig(**fields)
 
@@ -143,7 +139,7 @@ def load_caffe_npy(model, path, trust=False, exclude=(), new_head=False):
     Accepts the caffe-tensorflow layout (conv [kh, kw, in/groups, out], fc [in, out] with fc6's
     inputs in (H, W, C) order; the widely distributed `bvlc_alexnet.npy`) and Caffe's own
     (conv [out, in/groups, kh, kw], fc [out, in] with fc6's inputs in (C, H, W) order). The model
-    must then be fed BGR images minus `CAFFE_MEAN_BGR` (`caffe_preprocess_config()`).
+    must then be fed BGR images minus `preprocessing.CAFFE_MEAN_BGR` (`caffe_preprocess_config()`).
 
     Args:
         model: an `AlexNet(variant="paper", lrn="caffe")`.
@@ -264,28 +260,68 @@ def load_keras(model, path, exclude=(), new_head=False):
     return loaded
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """A kind of weights file: how it loads and what model and input it needs.
+
+    Attributes:
+        name: for messages.
+        suffixes: file name endings.
+        load: load(model, path, exclude=..., new_head=..., [trust=...]) -> loaded layer names.
+        pickled: unpickling it can run code (load takes `trust`).
+        variant, lrn: the model the weights were trained in (None: any).
+        preprocess: its input convention, a PreprocessConfig factory (None: the run's own).
+    """
+
+    name: str
+    suffixes: tuple
+    load: object
+    pickled: bool = False
+    variant: str | None = None
+    lrn: str | None = None
+    preprocess: object = None
+
+
+WEIGHT_FORMATS = (
+    WeightFormat("Caffe", (".npy",), load_caffe_npy, pickled=True, variant="paper", lrn="caffe",
+                 preprocess=caffe_preprocess_config),
+    WeightFormat("torchvision", (".pth", ".pt"), load_torchvision, variant="one_weird_trick",
+                 preprocess=torchvision_preprocess_config),
+    WeightFormat("Keras", (".keras",), load_keras),
+)
+
+
+def weight_format(path):
+    """The WeightFormat of `path`, by its name; WeightsError for an unknown kind."""
+    for kind in WEIGHT_FORMATS:
+        if path.endswith(kind.suffixes):
+            return kind
+    known = ", ".join(f"{'/'.join(kind.suffixes)} ({kind.name})" for kind in WEIGHT_FORMATS)
+    raise WeightsError(f"{path}: unknown weights format; expected {known}")
+
+
+def check_fits(path, variant, lrn):
+    """WeightsError when weights from `path` were trained in another variant or LRN preset."""
+    kind = weight_format(path)
+    wanted = {"variant": kind.variant, "lrn": kind.lrn}
+    if (kind.variant or variant) != variant or (kind.lrn or lrn) != lrn:
+        raise WeightsError(f"{kind.name} weights fit " + " ".join(
+            f"--{key}={value}" for key, value in wanted.items() if value) + " only")
+
+
 def load_weights(model, path, trust=False, exclude=(), new_head=False):
-    """Loads `path` by its kind: .npy (Caffe), .pth/.pt (torchvision) or .keras (a checkpoint)."""
-    if path.endswith(".npy"):
-        loaded = load_caffe_npy(model, path, trust=trust, exclude=exclude, new_head=new_head)
-    elif path.endswith((".pth", ".pt")):
-        loaded = load_torchvision(model, path, exclude=exclude, new_head=new_head)
-    elif path.endswith(".keras"):
-        loaded = load_keras(model, path, exclude=exclude, new_head=new_head)
-    else:
-        raise WeightsError(f"{path}: unknown weights format; expected .npy (Caffe), "
-                           ".pth (torchvision) or .keras")
+    """Loads `path` by its kind (WEIGHT_FORMATS): Caffe .npy, torchvision .pth/.pt, .keras."""
+    kind = weight_format(path)
+    extra = {"trust": trust} if kind.pickled else {}
+    loaded = kind.load(model, path, exclude=exclude, new_head=new_head, **extra)
     logging.info("Loaded %s from %s", ", ".join(loaded), path)
     return loaded
 
 
 def preprocess_config_for(path, **overrides):
     """The input convention weights from `path` were trained with, or None for our own runs."""
-    if path.endswith(".npy"):
-        return caffe_preprocess_config(**overrides)
-    if path.endswith((".pth", ".pt")):
-        return torchvision_preprocess_config(**overrides)
-    return None
+    kind = weight_format(path)
+    return kind.preprocess(**overrides) if kind.preprocess else None
 
 
 def set_trainable(model, trainable):

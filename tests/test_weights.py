@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -61,7 +62,7 @@ def test_caffe_npy_matches_pytorch_reference(tmp_path, caffe_model_and_reference
     config = weights.caffe_preprocess_config()
     ours = np.stack([preprocessing.eval_image(image, config).numpy() for image in rgb])
     # The same inputs computed independently: centre 227 crop, RGB -> BGR, minus the BGR mean.
-    bgr = rgb[:, 14:241, 14:241, ::-1].astype(np.float32) - np.float32(weights.CAFFE_MEAN_BGR)
+    bgr = rgb[:, 14:241, 14:241, ::-1].astype(np.float32) - np.float32([104.00698793, 116.66876762, 122.67891434])
     np.testing.assert_allclose(ours, bgr, atol=1e-3)
     assert_logits_close(model.predict(ours, verbose=0), torch_reference.logits(reference, bgr))
 
@@ -189,7 +190,7 @@ def test_train_py_fine_tunes_torchvision_weights_on_a_folder(tmp_path):
     assert "final: top-1" in result.stdout
     with open(os.path.join(workdir, "preprocessing.json")) as f:
         pre = json.load(f)
-    assert pre["mean"] == list(weights.TORCHVISION_MEAN) and not pre["bgr"]
+    assert pre["mean"] == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255]) and not pre["bgr"]
     assert "fc8 stays newly initialised" in result.stderr
 
 
@@ -209,3 +210,24 @@ def test_train_py_weights_errors_are_one_line(tmp_path):
         assert "Traceback" not in result.stderr
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("train.py: error:") and message in last, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("path, variant, lrn, message", [
+    ("w.npy", "paper", "caffe", None),
+    ("w.npy", "paper", "paper", "Caffe weights fit --variant=paper --lrn=caffe only"),
+    ("w.npy", "single_tower", "caffe", "Caffe weights fit --variant=paper --lrn=caffe only"),
+    ("w.pth", "one_weird_trick", "paper", None),
+    ("w.pt", "paper", "paper", "torchvision weights fit --variant=one_weird_trick only"),
+    ("run/checkpoints/best.keras", "cifar", "tf_cifar10", None),
+    ("w.h5", "paper", "paper", "w.h5: unknown weights format; expected .npy (Caffe), .pth/.pt "
+                               "(torchvision), .keras (Keras)"),
+])
+def test_each_weight_format_names_the_model_it_fits(path, variant, lrn, message):
+    if message is None:
+        weights.check_fits(path, variant, lrn)
+    else:
+        with pytest.raises(weights.WeightsError, match=re.escape(message)):
+            weights.check_fits(path, variant, lrn)
+    if message is None or "unknown" not in message:
+        convention = weights.preprocess_config_for(path)
+        assert (convention is None) == path.endswith(".keras")
