@@ -1,6 +1,7 @@
 """The AlexNet model family (Krizhevsky, Sutskever & Hinton, NIPS 2012) as Keras functional models."""
 
 import keras
+import tensorflow as tf
 
 from alexnet_tf.layers import Dense, GroupedConv2D
 from alexnet_tf.lrn import LRN_PRESETS, LocalResponseNormalization
@@ -200,3 +201,19 @@ def AlexNet(
             name="fc8",
         )(x)
     return keras.Model(inputs, x, name=name or f"alexnet_{variant}")
+
+
+def crop_averaged_probabilities(model, crops):
+    """Paper §4.1 test-time averaging: the mean softmax over each image's crops.
+
+    Args:
+        model: an AlexNet (outputs logits).
+        crops: [N, K, H, W, C], e.g. the K = 10 views of `preprocessing.ten_crop`.
+
+    Returns:
+        float32 [N, classes].
+    """
+    shape = tf.shape(crops)
+    logits = model(tf.reshape(crops, tf.concat([[-1], shape[2:]], 0)), training=False)
+    probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
+    return tf.reduce_mean(tf.reshape(probabilities, [shape[0], shape[1], -1]), axis=1)

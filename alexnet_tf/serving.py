@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from alexnet_tf import preprocessing
+from alexnet_tf import model as model_lib, preprocessing
 from alexnet_tf.layers import standard_ops
 
 
@@ -76,10 +76,7 @@ def _claim_version(export_dir, version, overwrite):
 def _classify(model, images, class_names, top_k, ten_crop):
     """Model inputs [N, H, W, C] (or [N, 10, H, W, C]) -> the signature's output dict."""
     if ten_crop:
-        shape = tf.shape(images)
-        logits = model(tf.reshape(images, tf.concat([[-1], shape[2:]], 0)), training=False)
-        probabilities = tf.reduce_mean(
-            tf.reshape(tf.nn.softmax(tf.cast(logits, tf.float32)), [shape[0], 10, -1]), axis=1)
+        probabilities = model_lib.crop_averaged_probabilities(model, images)
     else:
         probabilities = tf.nn.softmax(tf.cast(model(images, training=False), tf.float32))
     scores, class_ids = tf.math.top_k(probabilities, k=top_k)

@@ -607,9 +607,7 @@ def evaluate_ten_crop(model, dataset, steps=None):
     for i, (crops, labels) in enumerate(dataset):
         if steps is not None and i >= steps:
             break
-        shape = tf.shape(crops)
-        logits = model(tf.reshape(crops, tf.concat([[-1], shape[2:]], 0)), training=False)
-        probs = tf.reduce_mean(tf.reshape(tf.nn.softmax(logits), [shape[0], 10, -1]), axis=1)
+        probs = model_lib.crop_averaged_probabilities(model, crops)
         top1.update_state(labels, probs)
         top5.update_state(labels, probs)
     return {"ten_crop_top1": float(top1.result()), "ten_crop_top5": float(top5.result())}
