@@ -363,9 +363,9 @@ def make_dataset(
         autotune: run tf.data's autotuning thread. Off by default: in TensorFlow 2.21 an
             iterator's destruction waits for that thread's next wake-up, which comes at
             doublings of 10 ms up to 60 s after the iterator's creation; Keras destroys the
-            validation iterator every epoch, and the Fashion-MNIST recipe lost ~40 s of each
-            82-s epoch to it. Without it, parallel stages run one call per core and prefetch
-            buffers grow on demand (measured: the same throughput here).
+            validation iterator every epoch, so each epoch waits (BENCHMARKS.md gives the cost).
+            Without it, parallel stages run one call per core and prefetch buffers grow on
+            demand, at the same measured throughput.
 
     Returns:
         (dataset of (images, labels), DatasetInfo).
@@ -392,8 +392,8 @@ def make_dataset(
             ok = tf.logical_and(preprocessing.looks_complete(image),
                                 preprocessing.header_pixels(image) <= preprocess.max_pixels)
             if info.jpeg_only:
-                # The crops below decode JPEG with no format branch (a tf.cond per image cost
-                # ~30% of the training pipeline's throughput); a PNG named .jpg is skipped.
+                # The crops below decode JPEG with no format branch (a tf.cond per image is one
+                # more sequential step per image in tf.data); a PNG named .jpg is skipped.
                 ok = tf.logical_and(ok, tf.io.is_jpeg(image))
             with tf.control_dependencies([skipped.assign_add(tf.cast(~ok, tf.int64))]):
                 return tf.identity(ok)
@@ -450,7 +450,7 @@ def make_dataset(
                     image = preprocessing.decode(image, channels)
                 return preprocessing.ten_crop(image, preprocess), label, origin
             # Encoded bytes go in as they are: JPEG decoding is fused with the centre crop.
-            # Normalised later, per batch (per image it cost ~40% of this pipeline).
+            # Normalised later, per batch: per image, these small ops cost more than they do.
             return preprocessing.eval_crop(image, preprocess, jpeg=info.jpeg_only), label, origin
 
         ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)

@@ -58,7 +58,8 @@ def eigen_matmul(x, w):
     one float32 GEMM kernel that TensorFlow's oneDNN rewrite leaves alone), gradients too.
 
     Same values as `tf.matmul` up to float32 summation order. The input gradient is computed as
-    (w @ dy^T)^T: `SparseMatMul` with `transpose_b` on the large operand measured 6x slower.
+    (w @ dy^T)^T: `SparseMatMul` with `transpose_b` on the large operand measured several times
+    slower.
     """
     y = tf.raw_ops.SparseMatMul(a=x, b=w)
 
@@ -76,9 +77,8 @@ class Dense(keras.layers.Dense):
     training.
 
     Same weights, values and gradients (to float32 rounding). Measured on the paper model
-    (batch 32, 2-core CPU, `compile`/`fit`): +3-6% training throughput (BENCHMARKS.md). Not in
-    inference (training=False): there it measured no faster at batch 32 and ~25% slower at
-    batch 1.
+    (batch 32, 2-core CPU, `compile`/`fit`): faster training (BENCHMARKS.md). Not in inference
+    (training=False): there it measured no faster at batch 32 and slower at batch 1.
 
     Args:
         units, activation, ...: as for `keras.layers.Dense`.

@@ -21,7 +21,7 @@ IMPLEMENTATIONS = ("auto", "fused", "tf")
 
 
 def _neg_power(d, beta):
-    """d ** -beta; for the usual beta = 0.75 as rsqrt(d) * rsqrt(sqrt(d)), ~3x cheaper than pow."""
+    """d ** -beta; for the usual beta = 0.75 as rsqrt(d) * rsqrt(sqrt(d)), cheaper than pow."""
     if beta == 0.75:
         return tf.math.rsqrt(d) * tf.math.rsqrt(tf.sqrt(d))
     if beta == 0.5:
@@ -46,8 +46,8 @@ def _normaliser(x, depth_radius, bias, alpha):
 
 
 def fused_lrn_forward(depth_radius, bias, alpha, beta):
-    """The forward half of `fused_lrn` alone (inference): one XLA-fused pass, 1.6-3.5x faster
-    than `tf.nn.local_response_normalization`'s CPU kernel (benchmarks/lrn.py)."""
+    """The forward half of `fused_lrn` alone (inference): one XLA-fused pass, faster than
+    `tf.nn.local_response_normalization`'s CPU kernel (benchmarks/lrn.py, BENCHMARKS.md)."""
 
     @tf.function(jit_compile=True)
     def forward(x):
@@ -60,8 +60,8 @@ def fused_lrn(depth_radius, bias, alpha, beta):
     """LRN with a hand-written gradient, both XLA-fused; same values as
     `tf.nn.local_response_normalization` (to float32 rounding).
 
-    TensorFlow's CPU `LRNGrad` kernel is a slow scalar loop: in the paper model at batch 32 the two
-    LRN layers' forward + backward took ~40% of a training step. With d = bias + alpha * S,
+    TensorFlow's CPU `LRNGrad` kernel is a slow scalar loop: in the paper model the two LRN
+    layers' forward + backward took a large share of a training step (BENCHMARKS.md). With d = bias + alpha * S,
     S = window sum of x**2 and y = x * d**-beta, the gradient is
         dx = g * d**-beta - 2 * alpha * beta * x * window_sum(g * y / d),
     two fused passes with the forward's d**-beta and y / d kept.
@@ -102,8 +102,8 @@ class LocalResponseNormalization(keras.layers.Layer):
         alpha: the paper's alpha (not divided by n; see the "caffe" preset for that convention).
         beta: the paper's beta.
         implementation: "tf" (`tf.nn.local_response_normalization` and its gradient), "fused"
-            (the same values, XLA-fused: `fused_lrn` in training, with a gradient ~4x faster
-            than TensorFlow's CPU kernel, and `fused_lrn_forward` in inference, 1.6-3.5x) or
+            (the same values, XLA-fused: `fused_lrn` in training and `fused_lrn_forward` in
+            inference, both faster than TensorFlow's CPU kernels: BENCHMARKS.md) or
             "auto" ("fused" when no GPU is visible, else "tf", whose GPU kernels are cuDNN's).
             Inside `standard_ops()` (which `serving.export_saved_model` uses) every
             implementation computes `tf.nn.local_response_normalization`, so exported

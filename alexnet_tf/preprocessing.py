@@ -178,20 +178,20 @@ def looks_complete(encoded):
 
 def _window_resized(image, window_fn, config, jpeg=False):
     """Cuts the window `window_fn(shape)` = (top, left, height, width) out of an image and
-    resizes it to image_size (bilinear, as Caffe and torchvision resize; antialiasing cost 2-3x
-    the JPEG decode here).
+    resizes it to image_size (bilinear, as Caffe and torchvision resize; antialiasing costs more
+    than the JPEG decode).
 
     JPEG bytes: the header gives the shape and only the window is decoded
     (`decode_and_crop_jpeg`). Other bytes (PNG): full decode, then a slice. Decoded images: a
     slice. One branch per image: each `tf.cond` in a tf.data map costs about as much as the
-    resize (two of them held the training pipeline at ~450 img/s, one at ~790). `jpeg=True`
+    resize (BENCHMARKS.md, input pipeline). `jpeg=True`
     (bytes known to be JPEG) takes the JPEG path with no branch at all.
     """
     image = tf.convert_to_tensor(image)
 
     def resized(window):
-        # float32 in: same values as resizing a uint8 window, ~0.1 ms (7% of a decode) cheaper
-        # per image, as TensorFlow's bilinear kernel converts each of its four taps per output.
+        # float32 in: same values as resizing a uint8 window, and cheaper, as TensorFlow's
+        # bilinear kernel converts each of its four taps per output.
         return tf.image.resize(tf.cast(window, tf.float32), [config.image_size] * 2)
 
     def from_pixels(pixels):
@@ -411,7 +411,7 @@ def eval_crop(image, config, jpeg=False):
 
     Computed as the central window of the original that becomes the centre crop (decoded alone
     for JPEG bytes), resized to image_size: equal to resizing first and cropping after, up to
-    resampling, and ~2x cheaper (the full-size decode and resize are skipped).
+    resampling, and cheaper (the full-size decode and resize are skipped).
     """
 
     def window(shape):

@@ -204,8 +204,8 @@ def make_strategy(config):
     # One device: TensorFlow's default strategy, which places ops on the GPU when there is one.
     # Mirrored/OneDevice strategies feed even one device through per-device tf.data iterators
     # with autotuning always on, and in TensorFlow 2.21 destroying those (Keras does it before
-    # every validation) waits for the autotuner's next wake-up: ~30-40 s of each 82-s epoch
-    # of the Fashion-MNIST recipe (see data.make_dataset's `autotune`).
+    # every validation) waits for the autotuner's next wake-up, a large part of each epoch of
+    # the Fashion-MNIST recipe (BENCHMARKS.md; data.make_dataset's `autotune`).
     return tf.distribute.get_strategy()
 
 
