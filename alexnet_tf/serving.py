@@ -14,6 +14,7 @@ from absl import logging
 
 from alexnet_tf import model as model_lib, preprocessing
 from alexnet_tf.layers import standard_ops
+from alexnet_tf.rundir import RunDir, RunDirError
 
 
 class ExportError(RuntimeError):
@@ -147,13 +148,14 @@ def load_run(workdir, checkpoint="best"):
     """(model, class_names, PreprocessConfig) of a training workdir."""
     import json
 
-    path = os.path.join(workdir, "checkpoints", f"{checkpoint}.keras")
-    if not os.path.exists(path):
-        raise ExportError(f"{path} not found: is --workdir a finished training run?")
-    model = keras.models.load_model(path)
-    with open(os.path.join(workdir, "dataset.json")) as f:
-        class_names = json.load(f)["class_names"]
-    config = preprocessing.PreprocessConfig.from_json(os.path.join(workdir, "preprocessing.json"))
+    run = RunDir(workdir)
+    try:
+        model = keras.models.load_model(run.existing(run.checkpoint(checkpoint)))
+        with open(run.existing(run.dataset)) as f:
+            class_names = json.load(f)["class_names"]
+        config = preprocessing.PreprocessConfig.from_json(run.existing(run.preprocessing))
+    except RunDirError as e:
+        raise ExportError(str(e)) from None
     return model, class_names, config
 
 

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 
@@ -21,6 +20,7 @@ from absl import logging
 from alexnet_tf import backup as backup_lib
 from alexnet_tf import data, keras_compat, layers, model as model_lib, preprocessing, weights
 from alexnet_tf.lrn import LRN_PRESETS
+from alexnet_tf.rundir import RunDir
 
 
 
@@ -349,42 +349,13 @@ def _add_weight_decay(model, weight_decay):
             kernel.regularizer = regularizer
 
 
-def _write_image_grid(workdir, dataset, config):
+def _write_image_grid(run, dataset, config):
     """Logs a grid of augmented training images to TensorBoard (de-normalised for viewing)."""
     images, _ = next(iter(dataset.take(1)))
     images = preprocessing.denormalize(images[:16], config)
-    with tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", "train")).as_default():
+    with tf.summary.create_file_writer(os.path.join(run.tensorboard, "train")).as_default():
         tf.summary.image("augmented_training_images", tf.clip_by_value(images / 255.0, 0, 1),
                          step=0, max_outputs=16)
-
-
-def _preprocess_config(config, info, workdir):
-    path = os.path.join(workdir, "preprocessing.json")
-    if os.path.exists(path):  # a resumed run keeps the statistics it started with
-        return preprocessing.PreprocessConfig.from_json(path)
-    pre = data.default_preprocess_config(
-        info, model_lib.DEFAULT_IMAGE_SIZE[config.variant], config.image_size)
-    pre.max_pixels = config.max_pixels
-    if not info.small_images:
-        pre.crop = config.crop
-    elif config.pad is not None:
-        pre.pad = config.pad
-    convention = config.init_from and weights.preprocess_config_for(config.init_from)
-    if convention is not None and pre.channels == 3:
-        logging.info("%s expects %s input with mean %s and std %s", config.init_from,
-                     "BGR" if convention.bgr else "RGB", convention.mean, convention.std)
-        pre.mean, pre.std, pre.bgr = convention.mean, convention.std, convention.bgr
-    if config.pca == "none":
-        pre.eigval = pre.eigvec = None
-    elif config.pca == "dataset" and pre.channels == 3:
-        logging.info("Computing PCA lighting eigen-pairs from 1000 training images")
-        sample, _ = data.load_source(config.dataset, "train", config.data_dir,
-                                     num_classes=config.num_classes,
-                                     one_based_labels=config.one_based_labels)
-        images = (preprocessing.decode(x, 3) if x.dtype == tf.string else x
-                  for x, _, _ in sample.take(1000))
-        pre.eigval, pre.eigvec = preprocessing.compute_pca(images)
-    return pre
 
 
 def _dummy_batch(model, strategy, num_classes):
@@ -416,17 +387,13 @@ def _validation_runs_out_quietly():
         yield
 
 
-def train_and_evaluate(config, workdir):
-    """Trains `config` in `workdir`, resuming from its backup if one is there.
+# --------------------------------------------------------------------------------------------
+# The run, step by step
 
-    Writes to workdir: config.json, dataset.json (class names), preprocessing.json,
-    checkpoints/{best,last}.keras, backup/ (resume state, see alexnet_tf.backup), history.csv,
-    tensorboard/, results.json.
 
-    Returns:
-        dict of final metrics (loss, top1, top5, top1_error, top5_error, and ten_crop_* if asked).
-    """
-    config.validate()
+def set_up_process(config):
+    """Every process-wide setting of a run, here and nowhere else: the random seed, Keras'
+    dtype policy, and the logical CPU devices and distribution strategy. Returns the strategy."""
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     mixed_precision = config.mixed_precision
@@ -436,23 +403,73 @@ def train_and_evaluate(config, workdir):
     if mixed_precision != "none":
         keras.config.set_dtype_policy(f"mixed_{mixed_precision}")
     strategy = make_strategy(config)
-    replicas = strategy.num_replicas_in_sync
-    if config.batch_size % replicas:
-        raise TrainingError(
-            f"batch_size {config.batch_size} is not divisible by the {replicas} replicas")
-    chief = _is_chief(strategy)
-    task_dir = workdir if chief else os.path.join(workdir, f"worker_tmp_{strategy.cluster_resolver.task_id}")
-    os.makedirs(os.path.join(task_dir, "checkpoints"), exist_ok=True)
-    if config.start_over:
-        shutil.rmtree(os.path.join(task_dir, "backup"), ignore_errors=True)
-        if os.path.exists(os.path.join(task_dir, "history.csv")):
-            os.remove(os.path.join(task_dir, "history.csv"))
+    if config.batch_size % strategy.num_replicas_in_sync:
+        raise TrainingError(f"batch_size {config.batch_size} is not divisible by the "
+                            f"{strategy.num_replicas_in_sync} replicas")
+    return strategy
 
+
+@dataclasses.dataclass
+class Inputs:
+    """What a run reads: the training source's description (read once), its classes and the
+    PreprocessConfig, fixed for the whole run (and saved with it)."""
+
+    config: TrainConfig
+    info: data.DatasetInfo
+    num_classes: int
+    class_names: list
+    preprocess: preprocessing.PreprocessConfig
+
+    def dataset(self, split, training, ten_crop=False):
+        """(dataset, DatasetInfo) of a split: a plain dataset of global batches. Keras splits it
+        across the replicas and, with several workers, shards it (by file where it can, else by
+        record); Keras 3's fit() cannot take distribute_datasets_from_function's PerReplica."""
+        config = self.config
+        return data.make_dataset(
+            config.dataset, split, training, config.batch_size, self.preprocess,
+            data_dir=config.data_dir, seed=config.seed, cache=config.cache,
+            shuffle_buffer=config.shuffle_buffer, repeat=training, ten_crop=ten_crop,
+            num_classes=self.num_classes, one_based_labels=config.one_based_labels)
+
+
+def _preprocess_config(config, info, run):
+    """The run's PreprocessConfig, from everything that decides it: the images, the variant, the
+    weights it starts from and the flags. A resumed run keeps the one it started with."""
+    if os.path.exists(run.preprocessing):
+        return preprocessing.PreprocessConfig.from_json(run.preprocessing)
+    pre = data.default_preprocess_config(
+        info, model_lib.DEFAULT_IMAGE_SIZE[config.variant], config.image_size)
+    changes = {"max_pixels": config.max_pixels}
+    if not info.small_images:
+        changes["crop"] = config.crop
+    elif config.pad is not None:
+        changes["pad"] = config.pad
+    convention = config.init_from and weights.preprocess_config_for(config.init_from)
+    if convention is not None and pre.channels == 3:
+        logging.info("%s expects %s input with mean %s and std %s", config.init_from,
+                     "BGR" if convention.bgr else "RGB", convention.mean, convention.std)
+        changes.update(mean=convention.mean, std=convention.std, bgr=convention.bgr)
+    if config.pca == "none":
+        changes.update(eigval=None, eigvec=None)
+    elif config.pca == "dataset" and pre.channels == 3:
+        logging.info("Computing PCA lighting eigen-pairs from 1000 training images")
+        sample, _ = data.load_source(config.dataset, "train", config.data_dir,
+                                     num_classes=config.num_classes,
+                                     one_based_labels=config.one_based_labels)
+        images = (preprocessing.decode(x, 3) if x.dtype == tf.string else x
+                  for x, _, _ in sample.take(1000))
+        changes["eigval"], changes["eigvec"] = preprocessing.compute_pca(images)
+    return dataclasses.replace(pre, **changes)
+
+
+def prepare_inputs(config, run):
+    """Reads the training source's description, settles the preprocessing and records both (and
+    the config) in the run directory."""
     _, info = data.load_source(config.dataset, "train", config.data_dir,
                                num_classes=config.num_classes,
                                one_based_labels=config.one_based_labels)
     num_classes = config.num_classes or info.num_classes
-    pre = _preprocess_config(config, info, task_dir)
+    pre = _preprocess_config(config, info, run)
     # cifar: two 2x poolings; small: two VALID 5x5 convolutions and poolings need 19; paper:
     # conv1..pool5 need 67; one_weird_trick: Keras' adaptive pooling cannot upsample, so pool5
     # must be at least 6x6 (224 is the design size).
@@ -461,57 +478,36 @@ def train_and_evaluate(config, workdir):
         raise TrainingError(
             f"image_size {pre.image_size} is too small for variant {config.variant!r} "
             f"(at least {min_size})")
-    pre.to_json(os.path.join(task_dir, "preprocessing.json"))
-    config.to_json(os.path.join(task_dir, "config.json"))
     class_names = info.class_names if len(info.class_names) == num_classes else [
         str(i) for i in range(num_classes)]
-    with open(os.path.join(task_dir, "dataset.json"), "w") as f:
+    pre.to_json(run.preprocessing)
+    config.to_json(run.config)
+    with open(run.dataset, "w") as f:
         json.dump({"source": config.dataset, "class_names": class_names}, f, indent=2)
+    return Inputs(config, info, num_classes, class_names, pre)
 
-    def dataset(split, training, ten_crop=False):
-        # A plain dataset of global batches: Keras splits it across the replicas and, with
-        # several workers, shards it (tf.data auto-sharding: by file where it can, else by
-        # record). Keras 3's fit() cannot take distribute_datasets_from_function's PerReplica.
-        return data.make_dataset(
-            config.dataset, split, training, config.batch_size, pre, data_dir=config.data_dir,
-            seed=config.seed, cache=config.cache, shuffle_buffer=config.shuffle_buffer,
-            repeat=training, ten_crop=ten_crop, num_classes=num_classes,
-            one_based_labels=config.one_based_labels)
 
-    train_ds, train_info = dataset("train", True)
-    val_ds, _ = dataset("validation", False)
-
-    steps_per_epoch = config.steps_per_epoch
-    if steps_per_epoch is None:
+def _steps_per_epoch(config, train_info):
+    steps = config.steps_per_epoch
+    if steps is None:
         if train_info.num_examples is None:
             raise TrainingError(f"{config.dataset}: size unknown; pass --steps_per_epoch")
-        steps_per_epoch = train_info.num_examples // config.batch_size
-    if steps_per_epoch < 1:
+        steps = train_info.num_examples // config.batch_size
+    if steps < 1:
         raise TrainingError(f"batch_size {config.batch_size} is larger than the training split")
+    return steps
 
-    history_csv = os.path.join(task_dir, "history.csv")
-    best_checkpoint = backup_lib.AtomicModelCheckpoint(
-        os.path.join(task_dir, "checkpoints", "best.keras"), monitor="val_top1", mode="max",
-        save_best_only=True)
-    plateau = (DivideOnPlateau(config.lr_decay, config.plateau_patience, config.max_lr_drops)
-               if config.schedule == "plateau" else None)
-    keep = {"best_checkpoint": (best_checkpoint, ["best"])}
-    if plateau is not None:
-        keep["plateau"] = (plateau, list(DivideOnPlateau.STATE))
-    # Each worker keeps its own backup (Keras 3 does not coordinate workers writing one file).
-    backup = backup_lib.Backup(os.path.join(task_dir, "backup"),
-                               save_freq=config.checkpoint_every_steps or "epoch", keep=keep,
-                               history_csv=history_csv)
 
+def create_model(config, inputs, strategy, steps_per_epoch, resuming):
+    """The compiled model: built under the strategy, started from --init_from unless the run
+    resumes from its backup, layers frozen as --trainable says, weight decay on the kernels."""
+    pre = inputs.preprocess
     with strategy.scope():
-        model = build_model(config, num_classes, pre.image_size, pre.channels)
-        if config.init_from and not backup.exists():
-            try:  # (a resumed run gets its weights from the backup instead)
+        model = build_model(config, inputs.num_classes, pre.image_size, pre.channels)
+        try:
+            if config.init_from and not resuming:
                 weights.load_weights(model, config.init_from, trust=config.trust_weights,
                                      new_head=True)
-            except weights.WeightsError as e:
-                raise TrainingError(str(e)) from None
-        try:
             trainable = weights.set_trainable(model, config.trainable)
         except weights.WeightsError as e:
             raise TrainingError(str(e)) from None
@@ -523,35 +519,49 @@ def train_and_evaluate(config, workdir):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=[
                 keras.metrics.SparseCategoricalAccuracy(name="top1"),
-                keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+                keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, inputs.num_classes),
+                                                            name="top5"),
             ],
             jit_compile=config.jit_compile,
         )
-    if chief:
-        logging.info("Model %s: %s parameters, %d classes, input %s, %d replica(s), "
-                     "oneDNN CPU kernels %s", model.name, f"{model.count_params():,}",
-                     num_classes, (pre.image_size, pre.image_size, pre.channels), replicas,
-                     "on" if layers.onednn_enabled() else "off")
-        # A separate pipeline: a half-read iterator of train_ds would block its cache.
-        _write_image_grid(task_dir, dataset("train", True)[0], pre)
+    return model
 
+
+def create_callbacks(config, run, steps_per_epoch, skipped, chief):
+    """(the callbacks in the order Keras calls them at an epoch's end, the Backup among them).
+    The backup comes last, so that everything the epoch wrote is in place when the state that
+    skips it is committed; it keeps the plateau counters and the best checkpoint's metric."""
+    best = backup_lib.AtomicModelCheckpoint(run.checkpoint("best"), monitor="val_top1",
+                                            mode="max", save_best_only=True)
+    plateau = (DivideOnPlateau(config.lr_decay, config.plateau_patience, config.max_lr_drops)
+               if config.schedule == "plateau" else None)
+    keep = {"best_checkpoint": (best, ["best"])}
+    if plateau is not None:
+        keep["plateau"] = (plateau, list(DivideOnPlateau.STATE))
+    backup = backup_lib.Backup(run.backup, save_freq=config.checkpoint_every_steps or "epoch",
+                               keep=keep, history_csv=run.history)
     stop_on_nan = StopOnNaN(steps_per_epoch)
-    # In the order Keras calls them at an epoch's end: the backup last, so that everything
-    # the epoch wrote is in place when the state that skips it is committed.
     callbacks = [
         stop_on_nan,
         *([plateau] if plateau is not None else []),
-        EpochReport(config.batch_size, steps_per_epoch, config.epochs, train_info.skipped,
-                    verbose=chief),
-        keras.callbacks.CSVLogger(history_csv, append=True),
-        backup_lib.AtomicModelCheckpoint(os.path.join(task_dir, "checkpoints", "last.keras")),
-        best_checkpoint,
-        keras.callbacks.TensorBoard(os.path.join(task_dir, "tensorboard")),
+        EpochReport(config.batch_size, steps_per_epoch, config.epochs, skipped, verbose=chief),
+        keras.callbacks.CSVLogger(run.history, append=True),
+        backup_lib.AtomicModelCheckpoint(run.checkpoint("last")),
+        best,
+        keras.callbacks.TensorBoard(run.tensorboard),
         backup,
     ]
+    return callbacks, backup
+
+
+def fit(model, config, strategy, inputs, datasets, steps_per_epoch, callbacks, chief):
+    """Resumes from the backup, trains to config.epochs and evaluates; (results, seconds)."""
+    train_ds, val_ds = datasets
+    backup = next(c for c in callbacks if isinstance(c, backup_lib.Backup))
+    stop_on_nan = next(c for c in callbacks if isinstance(c, StopOnNaN))
     start = time.perf_counter()
     work_arounds = keras_compat.fit_work_arounds(
-        model, strategy, _dummy_batch(model, strategy, num_classes))
+        model, strategy, _dummy_batch(model, strategy, inputs.num_classes))
     with work_arounds, _validation_runs_out_quietly():
         try:
             initial_epoch = backup.restore(model)
@@ -580,23 +590,58 @@ def train_and_evaluate(config, workdir):
                 f"loss became NaN/inf at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
                 "lower --learning_rate or check the data")
         results = model.evaluate(val_ds, steps=config.eval_steps, return_dict=True, verbose=0)
-    results = {k: float(v) for k, v in results.items()}
-    results["top1_error"], results["top5_error"] = 1 - results["top1"], 1 - results["top5"]
-    if config.ten_crop_eval:
-        results.update(evaluate_ten_crop(
-            model, dataset("validation", False, ten_crop=True)[0], config.eval_steps))
-    results["train_seconds"] = train_seconds
-    if chief:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+    return {k: float(v) for k, v in results.items()}, train_seconds
+
+
+def report(results, run):
+    """Writes results.json and prints the final line."""
+    with open(run.results, "w") as f:
+        json.dump(results, f, indent=2)
     summary = (f"final: top-1 accuracy {results['top1']:.4f} (error {results['top1_error']:.4f}), "
                f"top-5 accuracy {results['top5']:.4f} (error {results['top5_error']:.4f})")
     if "ten_crop_top1" in results:
         summary += (f", 10-crop top-1 {results['ten_crop_top1']:.4f} "
                     f"top-5 {results['ten_crop_top5']:.4f}")
+    print(f"{summary}; trained {results['train_seconds'] / 60:.1f} min; checkpoints in "
+          f"{run.checkpoints}", flush=True)
+
+
+def train_and_evaluate(config, workdir):
+    """Trains `config` in `workdir` (see RunDir for its files), resuming from its backup if one
+    is there.
+
+    Returns:
+        dict of final metrics (loss, top1, top5, top1_error, top5_error, ten_crop_* if asked,
+        train_seconds).
+    """
+    config.validate()
+    strategy = set_up_process(config)
+    chief = _is_chief(strategy)
+    run = RunDir(workdir) if chief else RunDir(workdir).worker(strategy.cluster_resolver.task_id)
+    run.create(start_over=config.start_over)
+    inputs = prepare_inputs(config, run)
+    train_ds, train_info = inputs.dataset("train", True)
+    val_ds, _ = inputs.dataset("validation", False)
+    steps_per_epoch = _steps_per_epoch(config, train_info)
+    callbacks, backup = create_callbacks(config, run, steps_per_epoch, train_info.skipped, chief)
+    model = create_model(config, inputs, strategy, steps_per_epoch, resuming=backup.exists())
     if chief:
-        print(f"{summary}; trained {train_seconds / 60:.1f} min; checkpoints in "
-              f"{os.path.join(workdir, 'checkpoints')}", flush=True)
+        pre = inputs.preprocess
+        logging.info("Model %s: %s parameters, %d classes, input %s, %d replica(s), "
+                     "oneDNN CPU kernels %s", model.name, f"{model.count_params():,}",
+                     inputs.num_classes, (pre.image_size, pre.image_size, pre.channels),
+                     strategy.num_replicas_in_sync, "on" if layers.onednn_enabled() else "off")
+        # A separate pipeline: a half-read iterator of train_ds would block its cache.
+        _write_image_grid(run, inputs.dataset("train", True)[0], pre)
+    results, train_seconds = fit(model, config, strategy, inputs, (train_ds, val_ds),
+                                 steps_per_epoch, callbacks, chief)
+    results["top1_error"], results["top5_error"] = 1 - results["top1"], 1 - results["top5"]
+    if config.ten_crop_eval:
+        results.update(evaluate_ten_crop(
+            model, inputs.dataset("validation", False, ten_crop=True)[0], config.eval_steps))
+    results["train_seconds"] = train_seconds
+    if chief:
+        report(results, RunDir(workdir))
     return results
 
 

@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from alexnet_tf.rundir import RunDir, RunDirError
+
 COMMANDS = ("filters", "augmentations", "curves")
 
 
@@ -95,9 +97,7 @@ def augmentation_grid(images, config, cols=8, scale=None):
 
 def read_history(workdir):
     """The run's history.csv as {column: [float per epoch]}."""
-    path = os.path.join(workdir, "history.csv")
-    if not os.path.exists(path):
-        raise VisualizeError(f"{path} not found: is --workdir a training run?")
+    path = _run_file(workdir, "history")
     with open(path) as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -139,11 +139,14 @@ def write_png(image, path):
     return path
 
 
-def _run_files(workdir, name):
-    path = os.path.join(workdir, name)
-    if not os.path.exists(path):
-        raise VisualizeError(f"{path} not found: is --workdir a training run?")
-    return path
+def _run_file(workdir, name, *args):
+    """The run's file `name` (a RunDir attribute, or method called with args), which must exist."""
+    run = RunDir(workdir)
+    path = getattr(run, name)(*args) if args else getattr(run, name)
+    try:
+        return run.existing(path)
+    except RunDirError as e:
+        raise VisualizeError(str(e)) from None
 
 
 def draw(command, workdir, output=None, checkpoint="best", count=32):
@@ -156,17 +159,17 @@ def draw(command, workdir, output=None, checkpoint="best", count=32):
 
     from alexnet_tf import data, preprocessing
 
-    pre = preprocessing.PreprocessConfig.from_json(_run_files(workdir, "preprocessing.json"))
+    pre = preprocessing.PreprocessConfig.from_json(_run_file(workdir, "preprocessing"))
     if command == "filters":
         import keras
 
         model = keras.models.load_model(
-            _run_files(workdir, os.path.join("checkpoints", f"{checkpoint}.keras")), compile=False)
+            _run_file(workdir, "checkpoint", checkpoint), compile=False)
         # The paper variant's two towers split conv1's 96 kernels 48 / 48 (paper Figure 3).
         groups = 2 if model.get_layer("conv2").groups == 2 else 1
         return write_png(filter_grid(model.get_layer("conv1").kernel.numpy(), groups), output)
 
-    with open(_run_files(workdir, "config.json")) as f:
+    with open(_run_file(workdir, "config")) as f:
         config = json.load(f)
     dataset, _ = data.make_dataset(
         config["dataset"], "train", True, count, pre, data_dir=config.get("data_dir"),

@@ -1,0 +1,64 @@
+"""A training run's directory (train.py --workdir): the name of every file in it, in one place.
+
+alexnet_tf.training writes it; alexnet_tf.serving (export.py) and alexnet_tf.visualize read it.
+"""
+
+import dataclasses
+import os
+import shutil
+
+
+class RunDirError(RuntimeError):
+    """A file a finished run should hold is missing; one-line message naming it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """The files of one training run, under `path`:
+
+        config.json                    the run's TrainConfig
+        dataset.json                   its source and class names
+        preprocessing.json             its PreprocessConfig (a resumed run keeps it)
+        checkpoints/{best,last}.keras  the best (validation top-1) and last models
+        backup/                        the resume state (alexnet_tf.backup)
+        history.csv                    one row of metrics per epoch
+        tensorboard/                   TensorBoard logs
+        results.json                   the final metrics
+    """
+
+    path: str
+
+    def _file(self, *names):
+        return os.path.join(self.path, *names)
+
+    config = property(lambda self: self._file("config.json"))
+    dataset = property(lambda self: self._file("dataset.json"))
+    preprocessing = property(lambda self: self._file("preprocessing.json"))
+    checkpoints = property(lambda self: self._file("checkpoints"))
+    backup = property(lambda self: self._file("backup"))
+    history = property(lambda self: self._file("history.csv"))
+    tensorboard = property(lambda self: self._file("tensorboard"))
+    results = property(lambda self: self._file("results.json"))
+
+    def checkpoint(self, which="best"):
+        """checkpoints/<which>.keras, which is "best" or "last"."""
+        return self._file("checkpoints", f"{which}.keras")
+
+    def worker(self, task_id):
+        """Where a worker other than the chief of a multi-worker run writes (Keras 3 does not
+        coordinate workers writing one file)."""
+        return RunDir(self._file(f"worker_tmp_{task_id}"))
+
+    def create(self, start_over=False):
+        """Makes the directories; `start_over` discards the backup and the history first."""
+        if start_over:
+            shutil.rmtree(self.backup, ignore_errors=True)
+            if os.path.exists(self.history):
+                os.remove(self.history)
+        os.makedirs(self.checkpoints, exist_ok=True)
+
+    def existing(self, path):
+        """`path` (one of this run's files) if it exists, else RunDirError naming it."""
+        if not os.path.exists(path):
+            raise RunDirError(f"{path} not found: is {self.path} a finished training run?")
+        return path
