@@ -13,6 +13,7 @@ fits in a flag:
 """
 
 import dataclasses
+import enum
 import gzip
 import hashlib
 import os
@@ -41,12 +42,23 @@ class DataError(ValueError):
     """A user-facing data problem (missing path, empty folder, bad label); one-line message."""
 
 
+class SourceKind(enum.Enum):
+    """How a source's records are read: decoded arrays in memory (IDX), a TFDS dataset, or files
+    of encoded images (a folder tree, TFRecord shards) that load_source reads in parallel."""
+
+    IDX = "idx"
+    TFDS = "tfds"
+    FOLDER = "folder"
+    TFRECORD = "tfrecord"
+
+
 @dataclasses.dataclass
 class DatasetInfo:
     """What the rest of the project needs to know about a source.
 
     Attributes:
         source: the source string.
+        kind: how its records are read.
         class_names: label names, index = label.
         channels: 1 or 3.
         image_size: native (height, width) when every image has it (MNIST, CIFAR), else None.
@@ -58,6 +70,7 @@ class DatasetInfo:
     """
 
     source: str
+    kind: SourceKind
     class_names: list
     channels: int
     image_size: tuple | None = None
@@ -92,9 +105,10 @@ def _canonical_split(split):
 
 
 # --------------------------------------------------------------------------------------------
-# Sources. Each returns (dataset of (image, label, origin), DatasetInfo, file_level_dataset).
-# `image` is encoded bytes (file sources) or a uint8 [H, W, C] tensor; `origin` names the file a
-# record came from, for error messages.
+# Sources. Each returns (dataset, DatasetInfo): records (image, label, origin) for IDX and TFDS,
+# where `image` is a uint8 [H, W, C] tensor (or encoded bytes from TFDS); for folders and
+# TFRecords the files, which load_source reads into such records with encoded bytes. `origin`
+# names the file a record came from, for error messages.
 
 
 def read_idx(path):
@@ -130,10 +144,11 @@ def _idx_source(kind, directory, split, data_dir, **unused):
     names = FASHION_MNIST_CLASSES if kind == "fashion_mnist" else tuple(str(i) for i in range(10))
     if labels.max() >= len(names):
         raise DataError(f"{labels_path}: label {labels.max()} outside [0, {len(names)})")
-    info = DatasetInfo(f"{kind}:{directory}", list(names), 1, images.shape[1:3], len(images))
+    info = DatasetInfo(f"{kind}:{directory}", SourceKind.IDX, list(names), 1, images.shape[1:3],
+                       len(images))
     origin = tf.constant(images_path)
     ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
-    return ds.map(lambda x, y: (x, y, origin)), info, None
+    return ds.map(lambda x, y: (x, y, origin)), info
 
 
 def _tfds_source(name, split, data_dir, decode=False, training=False, seed=None,
@@ -169,10 +184,10 @@ def _tfds_source(name, split, data_dir, decode=False, training=False, seed=None,
     ds = ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32), origin))
     size = tuple(shape[:2]) if None not in shape[:2] else None
     info = DatasetInfo(
-        f"tfds:{name}", list(features["label"].names), shape[-1] or 3, size,
+        f"tfds:{name}", SourceKind.TFDS, list(features["label"].names), shape[-1] or 3, size,
         splits[split].num_examples if split in splits else None,
     )
-    return ds, info, None
+    return ds, info
 
 
 def _list_class_folders(root):
@@ -220,8 +235,9 @@ def _folder_source(root, split, training=False, seed=None, **unused):
             raise DataError(f"{root}: no images fall in the {split} split")
     files_ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, np.int32)))
     jpeg_only = all(f.lower().endswith((".jpg", ".jpeg")) for f in files)
-    info = DatasetInfo(f"folder:{root}", classes, 3, None, len(files), jpeg_only=jpeg_only)
-    return files_ds, info, "folder"
+    info = DatasetInfo(f"folder:{root}", SourceKind.FOLDER, classes, 3, None, len(files),
+                       jpeg_only=jpeg_only)
+    return files_ds, info
 
 
 def _parse_example(record, one_based_labels):
@@ -243,7 +259,8 @@ def _tfrecord_source(pattern, split, num_classes=None, one_based_labels=False, *
     if num_classes is None:
         raise DataError("tfrecord datasets need --num_classes (labels carry no class names)")
     names = [str(i) for i in range(num_classes)]
-    return tf.data.Dataset.from_tensor_slices(files), DatasetInfo(f"tfrecord:{pattern}", names, 3), "tfrecord"
+    info = DatasetInfo(f"tfrecord:{pattern}", SourceKind.TFRECORD, names, 3)
+    return tf.data.Dataset.from_tensor_slices(files), info
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,23 +279,23 @@ def load_source(source, split, data_dir=None, training=False, seed=None, input_c
     split = _canonical_split(split)
     kwargs = dict(training=training, seed=seed, input_context=input_context)
     if kind in ("fashion_mnist", "mnist"):
-        ds, info, files = _idx_source(kind, arg, split, data_dir)
+        ds, info = _idx_source(kind, arg, split, data_dir)
     elif kind == "tfds":
-        ds, info, files = _tfds_source(arg, split, data_dir, **kwargs)
+        ds, info = _tfds_source(arg, split, data_dir, **kwargs)
     elif kind == "folder":
-        ds, info, files = _folder_source(arg, split, **kwargs)
+        ds, info = _folder_source(arg, split, **kwargs)
     else:
-        ds, info, files = _tfrecord_source(arg, split, num_classes, one_based_labels)
+        ds, info = _tfrecord_source(arg, split, num_classes, one_based_labels)
 
-    sharded_by_tfds = kind == "tfds" and input_context is not None
+    sharded_by_tfds = info.kind is SourceKind.TFDS and input_context is not None
     if input_context is not None and input_context.num_input_pipelines > 1 and not sharded_by_tfds:
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    if files == "folder":
+    if info.kind is SourceKind.FOLDER:
         if training:
             ds = ds.shuffle(info.num_examples, seed=seed, reshuffle_each_iteration=True)
         ds = ds.map(lambda path, label: (tf.io.read_file(path), label, path),
                     num_parallel_calls=parallel_reads, deterministic=deterministic)
-    elif files == "tfrecord":
+    elif info.kind is SourceKind.TFRECORD:
         if training:
             ds = ds.shuffle(1024, seed=seed, reshuffle_each_iteration=True)
         ds = ds.interleave(
@@ -375,114 +392,143 @@ def make_dataset(
     ds, info = load_source(source, split, data_dir, training, seed, input_context, num_classes,
                            one_based_labels, deterministic=deterministic)
     num_classes = num_classes or info.num_classes
-    info.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_images")
-
     if preprocess.channels != info.channels and info.channels is not None:
         logging.info("Converting %d-channel images of %s to %d channels",
                      info.channels, source, preprocess.channels)
     if preprocess.channels == 1 and training:
         logging.info("One-channel images: PCA lighting is off (it is defined on RGB)")
 
-    if ds.element_spec[0].dtype == tf.string:
-        skipped = info.skipped
-
-        def complete(image, label, origin):
-            # Whole JPEG or PNG files within the pixel budget: the budget is read from the
-            # header, so an oversized file costs no decoding.
-            ok = tf.logical_and(preprocessing.looks_complete(image),
-                                preprocessing.header_pixels(image) <= preprocess.max_pixels)
-            if info.jpeg_only:
-                # The crops below decode JPEG with no format branch (a tf.cond per image is one
-                # more sequential step per image in tf.data); a PNG named .jpg is skipped.
-                ok = tf.logical_and(ok, tf.io.is_jpeg(image))
-            with tf.control_dependencies([skipped.assign_add(tf.cast(~ok, tf.int64))]):
-                return tf.identity(ok)
-
-        ds = ds.filter(complete)
+    info.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_images")
+    encoded = ds.element_spec[0].dtype == tf.string
+    if encoded:
+        ds = ds.filter(_readable(info, preprocess))
     if cache:
         ds = ds.cache()
     # Folder sources are read in a fresh random file order each epoch (load_source): shuffling
     # their bytes again would only hold shuffle_buffer encoded images in memory. A cache replays
     # one order, so cached records are shuffled after it.
-    if training and (cache or parse_source(source)[0] != "folder"):
+    if training and (cache or info.kind is not SourceKind.FOLDER):
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
 
-    channels = preprocess.channels
-    batched = False
-
-    def augmentation_seeds():
-        # One stateless [2] seed per element; fresh draws every epoch, reproducible given `seed`.
-        return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-
-    def fit_channels(image):
-        if image.dtype == tf.string:
-            return image
-        if image.shape[-1] == channels:
-            return image
-        return tf.image.rgb_to_grayscale(image) if channels == 1 else tf.image.grayscale_to_rgb(image)
-
-    if training and ds.element_spec[0].dtype != tf.string and preprocess.crop == "pad":
-        # Same-size in-memory images (MNIST, CIFAR): batch first, augment whole batches.
-        ds = ds.map(lambda x, y, o: (fit_channels(x), y, o))
-        ds = ds.batch(batch_size, drop_remainder=True)
-        seeds = augmentation_seeds()
-        ds = tf.data.Dataset.zip(ds, seeds).map(
-            lambda example, s: (preprocessing.train_batch(example[0], s, preprocess), *example[1:]),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-        batched = True
-    elif training:
-        # Crop each image (fused with JPEG decoding); flip, lighting and normalisation later,
-        # on whole batches.
-        seeds = augmentation_seeds()
-        ds = tf.data.Dataset.zip(ds, seeds)
-        ds = ds.map(
-            lambda example, s: (
-                preprocessing.random_crop(fit_channels(example[0]), s, preprocess,
-                                          jpeg=info.jpeg_only), *example[1:]),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    else:
-        def evaluate(image, label, origin):
-            image = fit_channels(image)
-            if ten_crop:
-                if image.dtype == tf.string:
-                    image = preprocessing.decode(image, channels)
-                return preprocessing.ten_crop(image, preprocess), label, origin
-            # Encoded bytes go in as they are: JPEG decoding is fused with the centre crop.
-            # Normalised later, per batch: per image, these small ops cost more than they do.
-            return preprocessing.eval_crop(image, preprocess, jpeg=info.jpeg_only), label, origin
-
-        ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    steps = _small_image_steps if not encoded and preprocess.crop == "pad" else _photo_steps
+    per_example, per_batch = steps(preprocess, training, ten_crop, info.jpeg_only)
+    ds = _apply(ds, per_example, seed, deterministic)
     # Backstop for corrupt data that passes the header/trailer check (e.g. garbage mid-file).
     ds = ds.ignore_errors(log_warning=True)
-    if not batched:
-        ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE,
-                      deterministic=deterministic)
+    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=deterministic)
     # After ignore_errors, so that a bad label stops the run with its file named; on whole
     # batches, as a per-record map would be one more sequential stage per image.
     ds = ds.map(lambda x, y, o: _check_label(x, y, o, num_classes)[:2])
-    if training and not batched:
-        # XLA fuses flip, lighting and normalisation into one pass over the batch: tf.data
-        # runs each op of a map single-threaded, and op by op this stage halved the
-        # pipeline's throughput (benchmarks/input_pipeline.py).
-        augment = tf.function(
-            lambda images, s: preprocessing.augment_batch(images, s, preprocess),
-            jit_compile=True)
-        seeds = augmentation_seeds()
-        ds = tf.data.Dataset.zip(ds, seeds).map(
-            lambda batch, s: (augment(batch[0], s), batch[1]),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    elif not training and not ten_crop:
-        norm = tf.function(lambda images: preprocessing.normalize(images, preprocess),
-                           jit_compile=True)
-        ds = ds.map(lambda images, labels: (norm(images), labels),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    ds = _apply(ds, per_batch, seed, deterministic)
+
     options = tf.data.Options()
     options.deterministic = deterministic
     options.autotune.enabled = autotune
     if input_context is not None and input_context.num_input_pipelines > 1:
         # Already sharded above; stop tf.distribute from sharding a second time.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    ds = ds.with_options(options).prefetch(tf.data.AUTOTUNE)
-    return ds, info
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE), info
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline's steps: what make_dataset maps over records and over batches
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """A function of the images of each element: fn(images), or fn(images, seed) when seeded (a
+    stateless [2] seed per element, fresh every epoch, reproducible given make_dataset's seed)."""
+
+    fn: object
+    seeded: bool = False
+
+
+def _apply(ds, step, seed, deterministic):
+    """Maps `step` over the first component (the images) of every element; None: no step."""
+    if step is None:
+        return ds
+    if step.seeded:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        return tf.data.Dataset.zip(ds, seeds).map(
+            lambda element, s: (step.fn(element[0], s), *element[1:]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    return ds.map(lambda images, *rest: (step.fn(images), *rest),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+
+def _readable(info, preprocess):
+    """The filter of encoded records: whole JPEG or PNG files within the pixel budget. The budget
+    is read from the header, so an oversized file costs no decoding. Those that fail are counted
+    in info.skipped."""
+
+    def readable(image, label, origin):
+        ok = tf.logical_and(preprocessing.looks_complete(image),
+                            preprocessing.header_pixels(image) <= preprocess.max_pixels)
+        if info.jpeg_only:
+            # The crops decode JPEG with no format branch (a tf.cond per image is one more
+            # sequential step per image in tf.data); a PNG named .jpg is skipped.
+            ok = tf.logical_and(ok, tf.io.is_jpeg(image))
+        with tf.control_dependencies([info.skipped.assign_add(tf.cast(~ok, tf.int64))]):
+            return tf.identity(ok)
+
+    return readable
+
+
+def _channels_fitter(channels):
+    """Decoded images converted to `channels` (encoded bytes are decoded to it later)."""
+
+    def fit(image):
+        if image.dtype == tf.string or image.shape[-1] == channels:
+            return image
+        if channels == 1:
+            return tf.image.rgb_to_grayscale(image)
+        return tf.image.grayscale_to_rgb(image)
+
+    return fit
+
+
+def _evaluation_steps(preprocess, ten_crop, jpeg):
+    """(per record, per batch) for evaluation: the centre crop (JPEG decoding fused with it),
+    normalised per batch, or the paper's ten crops, normalised as they are cut."""
+    fit = _channels_fitter(preprocess.channels)
+    if ten_crop:
+        def views(image):
+            image = fit(image)
+            if image.dtype == tf.string:
+                image = preprocessing.decode(image, preprocess.channels)
+            return preprocessing.ten_crop(image, preprocess)
+
+        return _Step(views), None
+    # Normalised per batch: per image, these small ops cost more than they do.
+    normalize = tf.function(lambda images: preprocessing.normalize(images, preprocess),
+                            jit_compile=True)
+    return (_Step(lambda image: preprocessing.eval_crop(fit(image), preprocess, jpeg=jpeg)),
+            _Step(normalize))
+
+
+def _small_image_steps(preprocess, training, ten_crop, jpeg):
+    """(per record, per batch) for same-size in-memory images (MNIST, CIFAR): in training,
+    padded, cropped, flipped and normalised as whole batches."""
+    if not training:
+        return _evaluation_steps(preprocess, ten_crop, jpeg)
+    return (_Step(_channels_fitter(preprocess.channels)),
+            _Step(lambda images, s: preprocessing.train_batch(images, s, preprocess), seeded=True))
+
+
+def _photo_steps(preprocess, training, ten_crop, jpeg):
+    """(per record, per batch) for photos: in training, each image's random crop (fused with
+    JPEG decoding), then flip, PCA lighting and normalisation per batch."""
+    if not training:
+        return _evaluation_steps(preprocess, ten_crop, jpeg)
+    fit = _channels_fitter(preprocess.channels)
+    # XLA fuses flip, lighting and normalisation into one pass over the batch: tf.data runs each
+    # op of a map single-threaded, and op by op this stage was much slower
+    # (benchmarks/input_pipeline.py --ablation).
+    augment = tf.function(lambda images, s: preprocessing.augment_batch(images, s, preprocess),
+                          jit_compile=True)
+    return (_Step(lambda image, s: preprocessing.random_crop(fit(image), s, preprocess,
+                                                              jpeg=jpeg), seeded=True),
+            _Step(augment, seeded=True))

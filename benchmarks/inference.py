@@ -54,14 +54,15 @@ def summary(times, batch_size):
 
 def export_untrained(variant, directory):
     import alexnet_tf
-    from alexnet_tf import data, serving
+    from alexnet_tf import preprocessing, serving
     from alexnet_tf.model import DEFAULT_IMAGE_SIZE
 
     model = alexnet_tf.AlexNet(variant=variant)
-    info = data.DatasetInfo(source="synthetic", class_names=[str(i) for i in range(1000)],
-                            channels=3)
-    config = data.default_preprocess_config(info, DEFAULT_IMAGE_SIZE[variant])
-    path = serving.export_saved_model(model, directory, info.class_names, config, version=1)
+    size = DEFAULT_IMAGE_SIZE[variant]
+    config = preprocessing.PreprocessConfig(image_size=size,
+                                            resize_size=preprocessing.resize_size_for(size))
+    path = serving.export_saved_model(model, directory, [str(i) for i in range(1000)], config,
+                                      version=1)
     return path, model
 
 
