@@ -14,6 +14,7 @@ fits in a flag:
 
 import dataclasses
 import enum
+import functools
 import gzip
 import hashlib
 import os
@@ -191,11 +192,22 @@ def _tfds_source(name, split, data_dir, decode=False, training=False, seed=None,
 
 
 def _list_class_folders(root):
+    """(class names, files, labels) of a tree of one folder per class. A run reads its training
+    split several times (its description, the pipeline, the TensorBoard sample, the PCA sample):
+    the listing is kept and read again only when a class folder's modification time changes."""
     if not os.path.isdir(root):
         raise DataError(f"{root}: no such directory")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(f"{root}: no class sub-directories (expected one folder per class)")
+    stamps = tuple(os.stat(os.path.join(root, name)).st_mtime_ns for name in classes)
+    files, labels = _class_folder_files(root, tuple(classes), stamps)
+    return classes, list(files), list(labels)
+
+
+@functools.lru_cache(maxsize=16)
+def _class_folder_files(root, classes, stamps):
+    del stamps  # part of the cache key only
     files, labels = [], []
     for label, name in enumerate(classes):
         folder = os.path.join(root, name)
@@ -207,7 +219,7 @@ def _list_class_folders(root):
             raise DataError(f"{folder}: class folder has no .jpg/.jpeg/.png files")
         files += images
         labels += [label] * len(images)
-    return classes, files, labels
+    return tuple(files), tuple(labels)
 
 
 def _in_validation_split(path):

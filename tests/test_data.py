@@ -233,3 +233,21 @@ def test_tfds_source_with_mock_data():
 def test_bad_source_strings(source, message):
     with pytest.raises(data.DataError, match=message):
         data.parse_source(source)
+
+
+def test_a_folder_is_listed_once_until_a_class_folder_changes(tmp_path, monkeypatch):
+    write_folder_tree(tmp_path / "train", classes=("a", "b"), per_class=2)
+    write_folder_tree(tmp_path / "val", classes=("a", "b"), per_class=1)
+    listed = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path: listed.append(str(path)) or real_listdir(path))
+    for _ in range(3):
+        _, info = data.load_source(f"folder:{tmp_path}", "train")
+        assert info.num_examples == 4
+    class_folders = [p for p in listed if os.path.basename(p) in ("a", "b")]
+    assert sorted(class_folders) == [str(tmp_path / "train" / "a"), str(tmp_path / "train" / "b")]
+    # A new image changes its folder's modification time: the listing is read again.
+    with open(tmp_path / "train" / "b" / "new.png", "wb") as f:
+        f.write(encode(smooth_image(40, 50), "png"))
+    os.utime(tmp_path / "train" / "b", ns=(0, os.stat(tmp_path / "train" / "b").st_mtime_ns + 10**9))
+    assert data.load_source(f"folder:{tmp_path}", "train")[1].num_examples == 5
