@@ -42,9 +42,10 @@ CROP_SCHEMES = ("paper", "inception", "pad")
 MAX_PIXELS = 40_000_000
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
     """Everything that turns stored images into model inputs; saved with each run as JSON.
+    Frozen: a variation is `dataclasses.replace(config, ...)`, which checks it again.
 
     Attributes:
         image_size: side of the square crop fed to the model (paper: 227 for conv1's 55x55).
@@ -83,7 +84,9 @@ class PreprocessConfig:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean and std need {self.channels} values")
         if self.channels != 3:
-            self.eigval = self.eigvec = None  # PCA lighting is defined on RGB only
+            # PCA lighting is defined on RGB only.
+            object.__setattr__(self, "eigval", None)
+            object.__setattr__(self, "eigvec", None)
 
     def to_json(self, path):
         with tf.io.gfile.GFile(path, "w") as f:

@@ -409,7 +409,7 @@ def set_up_process(config):
     return strategy
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Inputs:
     """What a run reads: the training source's description (read once), its classes and the
     PreprocessConfig, fixed for the whole run (and saved with it)."""
