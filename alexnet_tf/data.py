@@ -424,8 +424,12 @@ def make_dataset(
     if repeat:
         ds = ds.repeat()
 
-    steps = _small_image_steps if not encoded and preprocess.crop == "pad" else _photo_steps
-    per_example, per_batch = steps(preprocess, training, ten_crop, info.jpeg_only)
+    if not training:
+        per_example, per_batch = _evaluation_steps(preprocess, ten_crop, info.jpeg_only)
+    elif not encoded and preprocess.crop == "pad":
+        per_example, per_batch = _small_image_training_steps(preprocess)
+    else:
+        per_example, per_batch = _photo_training_steps(preprocess, info.jpeg_only)
     ds = _apply(ds, per_example, seed, deterministic)
     # Backstop for corrupt data that passes the header/trailer check (e.g. garbage mid-file).
     ds = ds.ignore_errors(log_warning=True)
@@ -521,20 +525,16 @@ def _evaluation_steps(preprocess, ten_crop, jpeg):
             _Step(normalize))
 
 
-def _small_image_steps(preprocess, training, ten_crop, jpeg):
-    """(per record, per batch) for same-size in-memory images (MNIST, CIFAR): in training,
+def _small_image_training_steps(preprocess):
+    """(per record, per batch) for training on same-size in-memory images (MNIST, CIFAR):
     padded, cropped, flipped and normalised as whole batches."""
-    if not training:
-        return _evaluation_steps(preprocess, ten_crop, jpeg)
     return (_Step(_channels_fitter(preprocess.channels)),
             _Step(lambda images, s: preprocessing.train_batch(images, s, preprocess), seeded=True))
 
 
-def _photo_steps(preprocess, training, ten_crop, jpeg):
-    """(per record, per batch) for photos: in training, each image's random crop (fused with
+def _photo_training_steps(preprocess, jpeg):
+    """(per record, per batch) for training on photos: each image's random crop (fused with
     JPEG decoding), then flip, PCA lighting and normalisation per batch."""
-    if not training:
-        return _evaluation_steps(preprocess, ten_crop, jpeg)
     fit = _channels_fitter(preprocess.channels)
     # XLA fuses flip, lighting and normalisation into one pass over the batch: tf.data runs each
     # op of a map single-threaded, and op by op this stage was much slower
