@@ -97,7 +97,8 @@ def augmentation_grid(images, config, cols=8, scale=None):
 
 def read_history(workdir):
     """The run's history.csv as {column: [float per epoch]}."""
-    path = _run_file(workdir, "history")
+    run = RunDir(workdir)
+    path = _existing(run, run.history)
     with open(path) as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -139,10 +140,8 @@ def write_png(image, path):
     return path
 
 
-def _run_file(workdir, name, *args):
-    """The run's file `name` (a RunDir attribute, or method called with args), which must exist."""
-    run = RunDir(workdir)
-    path = getattr(run, name)(*args) if args else getattr(run, name)
+def _existing(run, path):
+    """`path`, one of the run's files, which must exist."""
     try:
         return run.existing(path)
     except RunDirError as e:
@@ -159,17 +158,18 @@ def draw(command, workdir, output=None, checkpoint="best", count=32):
 
     from alexnet_tf import data, preprocessing
 
-    pre = preprocessing.PreprocessConfig.from_json(_run_file(workdir, "preprocessing"))
+    run = RunDir(workdir)
+    pre = preprocessing.PreprocessConfig.from_json(_existing(run, run.preprocessing))
     if command == "filters":
         import keras
 
         model = keras.models.load_model(
-            _run_file(workdir, "checkpoint", checkpoint), compile=False)
+            _existing(run, run.checkpoint(checkpoint)), compile=False)
         # The paper variant's two towers split conv1's 96 kernels 48 / 48 (paper Figure 3).
         groups = 2 if model.get_layer("conv2").groups == 2 else 1
         return write_png(filter_grid(model.get_layer("conv1").kernel.numpy(), groups), output)
 
-    with open(_run_file(workdir, "config")) as f:
+    with open(_existing(run, run.config)) as f:
         config = json.load(f)
     dataset, _ = data.make_dataset(
         config["dataset"], "train", True, count, pre, data_dir=config.get("data_dir"),
