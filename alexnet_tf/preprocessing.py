@@ -173,7 +173,7 @@ def looks_complete(encoded):
     tail8 = tf.strings.substr(encoded, tf.maximum(size - 8, 0), 8)
     jpeg = tf.logical_and(tf.io.is_jpeg(encoded), tf.equal(tail2, b"\xff\xd9"))
     png = tf.logical_and(
-        tf.equal(tf.strings.substr(encoded, 0, 8), b"\x89PNG\r\n\x1a\n"),
+        tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE),
         tf.equal(tail8, b"IEND\xaeB`\x82"),
     )
     return tf.logical_and(size > 0, tf.logical_or(jpeg, png))
