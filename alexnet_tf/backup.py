@@ -80,7 +80,9 @@ class Backup(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._finite = self._finite and math.isfinite(float((logs or {}).get("loss", 0.0)))
         self._steps += 1
-        if self.save_freq != "epoch" and self._steps % self.save_freq == 0:
+        # The epoch's last step is saved by on_epoch_end, which comes next.
+        last_step = batch + 1 == (self.params or {}).get("steps")
+        if self.save_freq != "epoch" and self._steps % self.save_freq == 0 and not last_step:
             self.save(self._epoch)
 
     def on_epoch_end(self, epoch, logs=None):

@@ -126,6 +126,20 @@ def test_mid_epoch_saves_resume_at_the_start_of_their_epoch(tmp_path):
     assert backup.restore(model) == 4
 
 
+def test_an_epochs_last_step_is_saved_once_by_the_epoch_end(tmp_path):
+    model, backup, _ = fresh(tmp_path)
+    backup.save_freq = 3
+    backup.set_model(model)
+    backup.set_params({"steps": 6})
+    backup.on_epoch_begin(0)
+    for batch in range(6):
+        backup.on_train_batch_end(batch, {"loss": 1.0})
+    backup.on_epoch_end(0)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert (state["serial"], state["epoch"]) == (2, 1)  # after step 3, then the epoch's end
+    assert state["previous"]["epoch"] == 0
+
+
 def test_no_save_after_a_non_finite_loss(tmp_path):
     model, backup, _ = fresh(tmp_path)
     backup.set_model(model)
