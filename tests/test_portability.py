@@ -57,7 +57,9 @@ def worker(request, tmp_path_factory):
         env=environment(request.param), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     with open(out_dir / "report.json") as f:
-        return request.param, json.load(f)
+        yield request.param, json.load(f)
+    # About 1.6 GB of full-size checkpoints and exports per setting.
+    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def run_loader(loader, onednn, export, images, signature="serving_default"):
