@@ -5,6 +5,7 @@ fits in a flag:
     tfds:<name>          any TFDS image-classification dataset (imagenet2012 needs a manual dir)
     tfrecord:<glob>      ImageNet-style shards (image/encoded, image/class/label); a "{split}" in
                          the glob is replaced by the split name (train, validation)
+    prepared:<dir>       the output of prepare.py: 256 x 256 JPEG shards, cropped without resizing
     folder:<path>        one sub-directory per class of JPEG/PNG files; train/ and val/ sub-trees
                          when present, otherwise a seeded 90/10 split
     fashion_mnist[:<dir>], mnist[:<dir>]
@@ -17,6 +18,7 @@ import enum
 import functools
 import gzip
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -36,6 +38,9 @@ FASHION_MNIST_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 FOLDER_VAL_FRACTION = 0.1
+# prepare.py's description of a prepared directory (classes, records, PCA), beside its shards.
+PREPARED_DESCRIPTION = "dataset.json"
+PREPARED_FORMAT = "alexnet_tf prepared v1"
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "eval": "validation"}
 
 
@@ -45,12 +50,14 @@ class DataError(ValueError):
 
 class SourceKind(enum.Enum):
     """How a source's records are read: decoded arrays in memory (IDX), a TFDS dataset, or files
-    of encoded images (a folder tree, TFRecord shards) that load_source reads in parallel."""
+    of encoded images (a folder tree, TFRecord shards, prepare.py's shards) that load_source reads
+    in parallel."""
 
     IDX = "idx"
     TFDS = "tfds"
     FOLDER = "folder"
     TFRECORD = "tfrecord"
+    PREPARED = "prepared"
 
 
 @dataclasses.dataclass
@@ -66,8 +73,10 @@ class DatasetInfo:
         num_examples: examples in the split read, or None when unknown without a full pass.
         skipped: a tf.Variable counting the images skipped so far (file sources): unreadable ones
             and those over the pixel budget (`PreprocessConfig.max_pixels`).
-        jpeg_only: every record is named as a JPEG (folder sources with only .jpg/.jpeg files):
-            the pipeline decodes with no format branch and skips and counts any that is not.
+        jpeg_only: every record is named as a JPEG (folder sources with only .jpg/.jpeg files,
+            prepared sources): the pipeline decodes with no format branch and skips and counts any
+            that is not.
+        prepared: a prepared source's description (prepare.py's dataset.json), else None.
     """
 
     source: str
@@ -78,6 +87,7 @@ class DatasetInfo:
     num_examples: int | None = None
     skipped: tf.Variable | None = None
     jpeg_only: bool = False
+    prepared: dict | None = None
 
     @property
     def num_classes(self):
@@ -91,12 +101,12 @@ class DatasetInfo:
 def parse_source(source):
     """Splits "kind:arg" and validates the kind; returns (kind, arg or None)."""
     kind, _, arg = source.partition(":")
-    if kind not in ("tfds", "tfrecord", "folder", "fashion_mnist", "mnist"):
+    if kind not in ("tfds", "tfrecord", "folder", "prepared", "fashion_mnist", "mnist"):
         raise DataError(
             f"unknown dataset {source!r}: use tfds:<name>, tfrecord:<glob>, folder:<path>, "
-            "fashion_mnist[:<dir>] or mnist[:<dir>]"
+            "prepared:<dir>, fashion_mnist[:<dir>] or mnist[:<dir>]"
         )
-    if kind in ("tfds", "tfrecord", "folder") and not arg:
+    if kind in ("tfds", "tfrecord", "folder", "prepared") and not arg:
         raise DataError(f"dataset {source!r} needs a value after '{kind}:'")
     return kind, arg or None
 
@@ -252,6 +262,41 @@ def _folder_source(root, split, training=False, seed=None, **unused):
     return files_ds, info
 
 
+def read_prepared(directory):
+    """A prepared directory's description (prepare.py's dataset.json); DataError if it is not
+    one."""
+    path = os.path.join(directory, PREPARED_DESCRIPTION)
+    if not os.path.isfile(path):
+        raise DataError(f"{directory}: no {PREPARED_DESCRIPTION}; not a prepared directory "
+                        "(prepare.py writes one, and finishes it last)")
+    try:
+        with open(path) as f:
+            description = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from None
+    if description.get("format") != PREPARED_FORMAT:
+        raise DataError(f"{path}: not written by this version of prepare.py "
+                        f"(format {description.get('format')!r}, expected {PREPARED_FORMAT!r})")
+    return description
+
+
+def _prepared_source(directory, split, **unused):
+    del unused
+    description = read_prepared(directory)
+    splits = description["splits"]
+    if split not in splits:
+        raise DataError(f"{directory} has splits {sorted(splits)}, not {split!r}")
+    expected = splits[split]["shards"]
+    files = [os.path.join(directory, name) for name in expected]
+    missing = [name for name, path in zip(expected, files) if not os.path.isfile(path)]
+    if missing:
+        raise DataError(f"{directory}: {len(missing)} of the {len(expected)} {split} shards "
+                        f"that dataset.json lists are missing, e.g. {missing[0]}")
+    info = DatasetInfo(f"prepared:{directory}", SourceKind.PREPARED, description["class_names"],
+                       3, None, splits[split]["records"], jpeg_only=True, prepared=description)
+    return tf.data.Dataset.from_tensor_slices(files), info
+
+
 def _parse_example(record, one_based_labels):
     features = tf.io.parse_single_example(record, {
         "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -281,8 +326,11 @@ def _tfrecord_source(pattern, split, num_classes=None, one_based_labels=False, *
 
 def load_source(source, split, data_dir=None, training=False, seed=None, input_context=None,
                 num_classes=None, one_based_labels=False, parallel_reads=tf.data.AUTOTUNE,
-                deterministic=False):
+                deterministic=False, order_seed=None):
     """Reads a split as (image, label, origin) records, before any preprocessing.
+
+    `order_seed` (not training): a folder tree's files in one fixed pseudo-random order, the same
+    in every iterator, instead of class by class (prepare.py writes its shards in that order).
 
     Returns:
         (dataset, DatasetInfo). File sources are sharded by file under `input_context`.
@@ -296,6 +344,9 @@ def load_source(source, split, data_dir=None, training=False, seed=None, input_c
         ds, info = _tfds_source(arg, split, data_dir, **kwargs)
     elif kind == "folder":
         ds, info = _folder_source(arg, split, **kwargs)
+    elif kind == "prepared":
+        ds, info = _prepared_source(arg, split)
+        one_based_labels = False  # prepare.py writes labels from 0
     else:
         ds, info = _tfrecord_source(arg, split, num_classes, one_based_labels)
 
@@ -303,11 +354,12 @@ def load_source(source, split, data_dir=None, training=False, seed=None, input_c
     if input_context is not None and input_context.num_input_pipelines > 1 and not sharded_by_tfds:
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     if info.kind is SourceKind.FOLDER:
-        if training:
-            ds = ds.shuffle(info.num_examples, seed=seed, reshuffle_each_iteration=True)
+        if training or order_seed is not None:
+            ds = ds.shuffle(info.num_examples, seed=seed if training else order_seed,
+                            reshuffle_each_iteration=training)
         ds = ds.map(lambda path, label: (tf.io.read_file(path), label, path),
                     num_parallel_calls=parallel_reads, deterministic=deterministic)
-    elif info.kind is SourceKind.TFRECORD:
+    elif info.kind in (SourceKind.TFRECORD, SourceKind.PREPARED):
         if training:
             ds = ds.shuffle(1024, seed=seed, reshuffle_each_iteration=True)
         ds = ds.interleave(
@@ -345,9 +397,16 @@ def default_preprocess_config(info, variant_image_size, image_size=None):
             flip=not info.source.startswith(("mnist", "tfds:mnist")),
         )
     size = image_size or variant_image_size
+    resize_size = preprocessing.resize_size_for(size)
+    if info.prepared is not None:
+        # Crops are cut at the stored scale: the shorter side is already the resize_size.
+        resize_size = info.prepared["resolution"]
+        if size > resize_size:
+            raise DataError(f"{info.source}: {size}-pixel crops do not fit its "
+                            f"{resize_size}-pixel images")
     mean = preprocessing.IMAGENET_MEAN if channels == 3 else (sum(preprocessing.IMAGENET_MEAN) / 3,)
     return preprocessing.PreprocessConfig(
-        image_size=size, resize_size=preprocessing.resize_size_for(size),
+        image_size=size, resize_size=resize_size,
         channels=channels, mean=mean, std=(1.0,) * channels,
     )
 
@@ -369,6 +428,7 @@ def make_dataset(
     one_based_labels=False,
     input_context=None,
     autotune=False,
+    device_stage=False,
 ):
     """Builds the batched, preprocessed tf.data pipeline for one split.
 
@@ -395,6 +455,10 @@ def make_dataset(
             validation iterator every epoch, so each epoch waits (BENCHMARKS.md gives the cost).
             Without it, parallel stages run one call per core and prefetch buffers grow on
             demand, at the same measured throughput.
+        device_stage: stop at uint8 crops (ten-crop: [B, 10, H, W, C]); the caller runs
+            `preprocessing.InputStage(preprocess)` on each batch on its device (flip and PCA
+            lighting in training, normalisation), as train.py does. Default: the host does
+            everything and the batches are float32 model inputs.
 
     Returns:
         (dataset of (images, labels), DatasetInfo).
@@ -424,12 +488,15 @@ def make_dataset(
     if repeat:
         ds = ds.repeat()
 
-    if not training:
-        per_example, per_batch = _evaluation_steps(preprocess, ten_crop, info.jpeg_only)
+    if info.kind is SourceKind.PREPARED:
+        per_example, per_batch = _prepared_steps(preprocess, training, ten_crop, device_stage)
+    elif not training:
+        per_example, per_batch = _evaluation_steps(preprocess, ten_crop, info.jpeg_only,
+                                                   device_stage)
     elif not encoded and preprocess.crop == "pad":
-        per_example, per_batch = _small_image_training_steps(preprocess)
+        per_example, per_batch = _small_image_training_steps(preprocess, device_stage)
     else:
-        per_example, per_batch = _photo_training_steps(preprocess, info.jpeg_only)
+        per_example, per_batch = _photo_training_steps(preprocess, info.jpeg_only, device_stage)
     ds = _apply(ds, per_example, seed, deterministic)
     # Backstop for corrupt data that passes the header/trailer check (e.g. garbage mid-file).
     ds = ds.ignore_errors(log_warning=True)
@@ -506,41 +573,94 @@ def _channels_fitter(channels):
     return fit
 
 
-def _evaluation_steps(preprocess, ten_crop, jpeg):
-    """(per record, per batch) for evaluation: the centre crop (JPEG decoding fused with it),
-    normalised per batch, or the paper's ten crops, normalised as they are cut."""
-    fit = _channels_fitter(preprocess.channels)
-    if ten_crop:
-        def views(image):
-            image = fit(image)
-            if image.dtype == tf.string:
-                image = preprocessing.decode(image, preprocess.channels)
-            return preprocessing.ten_crop(image, preprocess)
-
-        return _Step(views), None
-    # Normalised per batch: per image, these small ops cost more than they do.
-    normalize = tf.function(lambda images: preprocessing.normalize(images, preprocess),
-                            jit_compile=True)
-    return (_Step(lambda image: preprocessing.eval_crop(fit(image), preprocess, jpeg=jpeg)),
-            _Step(normalize))
+def _normalizer(preprocess, device_stage):
+    """The per-batch step of evaluation: normalisation, or none when the device does it.
+    Per batch because, per image, these small ops cost more than they do."""
+    if device_stage:
+        return None
+    return _Step(tf.function(lambda images: preprocessing.normalize(images, preprocess),
+                             jit_compile=True))
 
 
-def _small_image_training_steps(preprocess):
-    """(per record, per batch) for training on same-size in-memory images (MNIST, CIFAR):
-    padded, cropped, flipped and normalised as whole batches."""
-    return (_Step(_channels_fitter(preprocess.channels)),
-            _Step(lambda images, s: preprocessing.train_batch(images, s, preprocess), seeded=True))
-
-
-def _photo_training_steps(preprocess, jpeg):
-    """(per record, per batch) for training on photos: each image's random crop (fused with
-    JPEG decoding), then flip, PCA lighting and normalisation per batch."""
-    fit = _channels_fitter(preprocess.channels)
+def _augmenter(preprocess, device_stage):
+    """The per-batch step of training: flip, PCA lighting and normalisation, or none when the
+    device does them (preprocessing.InputStage)."""
+    if device_stage:
+        return None
     # XLA fuses flip, lighting and normalisation into one pass over the batch: tf.data runs each
     # op of a map single-threaded, and op by op this stage was much slower
     # (benchmarks/input_pipeline.py --ablation).
-    augment = tf.function(lambda images, s: preprocessing.augment_batch(images, s, preprocess),
-                          jit_compile=True)
-    return (_Step(lambda image, s: preprocessing.random_crop(fit(image), s, preprocess,
-                                                              jpeg=jpeg), seeded=True),
-            _Step(augment, seeded=True))
+    return _Step(tf.function(lambda images, s: preprocessing.augment_batch(images, s, preprocess),
+                             jit_compile=True), seeded=True)
+
+
+def _crops(fn, seeded, device_stage):
+    """A step of `fn`, whose crops are float32 in [0, 255] (or uint8), rounded to uint8 for the
+    device stage."""
+
+    def cast(images):
+        if not device_stage or images.dtype == tf.uint8:
+            return images
+        return preprocessing.to_uint8(images)
+
+    if seeded:
+        return _Step(lambda x, s: cast(fn(x, s)), seeded=True)
+    return _Step(lambda x: cast(fn(x)))
+
+
+def _ten_crop_views(preprocess, device_stage):
+    fit = _channels_fitter(preprocess.channels)
+
+    def views(image):
+        image = fit(image)
+        if image.dtype == tf.string:
+            image = preprocessing.decode(image, preprocess.channels)
+        return preprocessing.ten_crop_views(image, preprocess)
+
+    return _crops(views, False, device_stage)
+
+
+def _evaluation_steps(preprocess, ten_crop, jpeg, device_stage):
+    """(per record, per batch) for evaluation: the centre crop (JPEG decoding fused with it) or
+    the paper's ten crops, normalised per batch."""
+    fit = _channels_fitter(preprocess.channels)
+    if ten_crop:
+        return _ten_crop_views(preprocess, device_stage), _normalizer(preprocess, device_stage)
+    return (_crops(lambda image: preprocessing.eval_crop(fit(image), preprocess, jpeg=jpeg),
+                   False, device_stage),
+            _normalizer(preprocess, device_stage))
+
+
+def _small_image_training_steps(preprocess, device_stage):
+    """(per record, per batch) for training on same-size in-memory images (MNIST, CIFAR):
+    padded, cropped, flipped and normalised as whole batches (only padded and cropped for the
+    device stage)."""
+    fit = _Step(_channels_fitter(preprocess.channels))
+    if device_stage:
+        return fit, _crops(lambda images, s: preprocessing.pad_crop_batch(images, s, preprocess),
+                           True, device_stage)
+    return fit, _Step(lambda images, s: preprocessing.train_batch(images, s, preprocess),
+                      seeded=True)
+
+
+def _photo_training_steps(preprocess, jpeg, device_stage):
+    """(per record, per batch) for training on photos: each image's random crop (fused with
+    JPEG decoding), then flip, PCA lighting and normalisation per batch."""
+    fit = _channels_fitter(preprocess.channels)
+    return (_crops(lambda image, s: preprocessing.random_crop(fit(image), s, preprocess,
+                                                              jpeg=jpeg), True, device_stage),
+            _augmenter(preprocess, device_stage))
+
+
+def _prepared_steps(preprocess, training, ten_crop, device_stage):
+    """(per record, per batch) for prepared data (prepare.py): uint8 windows decoded alone from
+    the stored JPEGs, never resampled (a random one in training, the centre one in evaluation,
+    or the ten crops of the central square); augmented or normalised per batch."""
+    if training:
+        return (_Step(lambda x, s: preprocessing.prepared_random_crop(x, s, preprocess),
+                      seeded=True),
+                _augmenter(preprocess, device_stage))
+    if ten_crop:
+        return _ten_crop_views(preprocess, device_stage), _normalizer(preprocess, device_stage)
+    return (_Step(lambda x: preprocessing.prepared_center_crop(x, preprocess)),
+            _normalizer(preprocess, device_stage))

@@ -436,6 +436,17 @@ def eval_image(image, config, jpeg=False):
     return normalize(eval_crop(image, config, jpeg), config)
 
 
+def ten_crop_views(image, config):
+    """`ten_crop` before normalisation: float32 in [0, 255]. A decoded image whose shorter side
+    is already resize_size (prepared data) is not resampled: the views are slices of it."""
+    square = center_crop(resize_shorter_side(image, config.resize_size), config.resize_size)
+    s, c = config.resize_size, config.image_size
+    offsets = [(0, 0), (0, s - c), (s - c, 0), (s - c, s - c), ((s - c) // 2, (s - c) // 2)]
+    crops = tf.stack([square[t : t + c, l : l + c] for t, l in offsets])
+    crops = tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
+    return tf.ensure_shape(crops, [10, c, c, config.channels])
+
+
 def ten_crop(image, config):
     """Paper §4.1 test-time views: four corners and centre of the central square, and mirrors.
 
@@ -443,13 +454,38 @@ def ten_crop(image, config):
         [10, image_size, image_size, C]: crops 0-4 are top-left, top-right, bottom-left,
         bottom-right and centre; crops 5-9 are their horizontal mirrors in the same order.
     """
-    square = center_crop(resize_shorter_side(image, config.resize_size), config.resize_size)
-    s, c = config.resize_size, config.image_size
-    offsets = [(0, 0), (0, s - c), (s - c, 0), (s - c, s - c), ((s - c) // 2, (s - c) // 2)]
-    crops = tf.stack([square[t : t + c, l : l + c] for t, l in offsets])
-    crops = tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
-    crops = normalize(crops, config)
-    return tf.ensure_shape(crops, [10, c, c, config.channels])
+    return normalize(ten_crop_views(image, config), config)
+
+
+# --------------------------------------------------------------------------------------------
+# Prepared data (prepare.py): JPEGs already at the paper's 256 x 256, cropped without resizing
+
+
+def prepared_random_crop(encoded, seed, config):
+    """Paper §4.1's training crop of a prepared JPEG: a random image_size x image_size window,
+    anywhere in the stored image, decoded alone (`decode_and_crop_jpeg`), not resampled.
+    Returns uint8 [image_size, image_size, channels]."""
+    shape = tf.io.extract_jpeg_shape(encoded)
+    size = config.image_size
+    offsets = tf.random.stateless_uniform([2], seed, 0, tf.int32.max, dtype=tf.int32)
+    top, left = offsets[0] % (shape[0] - size + 1), offsets[1] % (shape[1] - size + 1)
+    crop = tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, size, size]),
+                                         channels=config.channels)
+    return tf.ensure_shape(crop, [size, size, config.channels])
+
+
+def prepared_center_crop(encoded, config):
+    """The central image_size x image_size window of a prepared JPEG, decoded alone; uint8."""
+    shape = tf.io.extract_jpeg_shape(encoded)
+    size = config.image_size
+    window = tf.stack([(shape[0] - size) // 2, (shape[1] - size) // 2, size, size])
+    crop = tf.image.decode_and_crop_jpeg(encoded, window, channels=config.channels)
+    return tf.ensure_shape(crop, [size, size, config.channels])
+
+
+def to_uint8(images):
+    """Float images in [0, 255] rounded to uint8 (values outside are clipped)."""
+    return tf.saturate_cast(tf.round(images), tf.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,6 +553,48 @@ class PCALighting(keras.layers.Layer):
         return config
 
 
+class InputStage(keras.layers.Layer):
+    """The device side of the input pipeline: uint8 crops in, model inputs out.
+
+    With `make_dataset(..., device_stage=True)` the host stops at uint8 crops (4x fewer bytes
+    than float32 to copy to an accelerator) and this stage runs first in each training and
+    evaluation step, on the device: the float cast, and in training only the random horizontal
+    flip and PCA lighting (paper §4.1); then normalisation (`normalize`). It is not part of the
+    model, so exported models keep their serving preprocessing (`eval_image` on encoded bytes).
+
+    Args:
+        config: the run's `PreprocessConfig` (flip, eigen-pairs, mean/std, BGR).
+        seed: optional int seed of the flips and lighting coefficients.
+
+    Inputs are [..., H, W, C] (a batch, or a batch of ten-crop views) in [0, 255].
+    """
+
+    def __init__(self, config, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=False):
+        config = self.config
+        images = tf.cast(images, tf.float32)
+        if training:
+            batch = tf.shape(images)[:-3]
+            if config.flip:
+                coin = keras.random.uniform(tf.concat([batch, [1, 1, 1]], 0),
+                                            seed=self.seed_generator)
+                images = tf.where(coin < 0.5, tf.reverse(images, axis=[-2]), images)
+            if config.eigval is not None:
+                alpha = keras.random.normal(tf.concat([batch, [3]], 0),
+                                            stddev=config.pca_alpha_std, seed=self.seed_generator)
+                images = pca_lighting(images, alpha, config.eigval, config.eigvec)
+        return normalize(images, config)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+
 def compute_pca(images, max_pixels=1_000_000, seed=0):
     """Eigen-pairs of the RGB pixel covariance, for pixels scaled to [0, 1].
 
@@ -538,7 +616,13 @@ def compute_pca(images, max_pixels=1_000_000, seed=0):
     sample = np.concatenate(
         [p[rng.choice(len(p), min(per_image, len(p)), replace=False)] for p in pixels]
     )
-    eigval, eigvec = np.linalg.eigh(np.cov(sample, rowvar=False))
+    return eigen_pairs(np.cov(sample, rowvar=False))
+
+
+def eigen_pairs(covariance):
+    """(eigval, eigvec) of a 3 x 3 RGB covariance in the layout of `IMAGENET_EIGVAL` /
+    `IMAGENET_EIGVEC`: eigenvalues in decreasing order, eigenvectors as columns."""
+    eigval, eigvec = np.linalg.eigh(np.asarray(covariance, np.float64))
     order = np.argsort(eigval)[::-1]
     eigval, eigvec = eigval[order], eigvec[:, order]
     # Fix each eigenvector's sign (first component negative, as in the ImageNet values).
