@@ -83,8 +83,9 @@ class TrainConfig:
     pad: int | None = _setting(
         None, "Small images: zero padding of the random crop (default image_size // 8; 0: no "
         "crop).")
-    pca: str = _setting("imagenet", "PCA lighting eigen-pairs: ImageNet's, computed from 1,000 "
-                        "training images, or no lighting.", ("imagenet", "dataset", "none"))
+    pca: str = _setting("imagenet", "PCA lighting eigen-pairs: ImageNet's, your training set's "
+                        "(prepared: sources: all of its pixels, from prepare.py; others: 1,000 "
+                        "images), or no lighting.", ("imagenet", "dataset", "none"))
     max_pixels: int = _setting(
         preprocessing.MAX_PIXELS, "Encoded images whose header declares more pixels are skipped "
         "and counted, not decoded (decompression bombs); export.py's default budget.")
@@ -352,7 +353,8 @@ def _add_weight_decay(model, weight_decay):
 def _write_image_grid(run, dataset, config):
     """Logs a grid of augmented training images to TensorBoard (de-normalised for viewing)."""
     images, _ = next(iter(dataset.take(1)))
-    images = preprocessing.denormalize(images[:16], config)
+    stage = preprocessing.InputStage(config)
+    images = preprocessing.denormalize(stage(images[:16], training=True), config)
     with tf.summary.create_file_writer(os.path.join(run.tensorboard, "train")).as_default():
         tf.summary.image("augmented_training_images", tf.clip_by_value(images / 255.0, 0, 1),
                          step=0, max_outputs=16)
@@ -421,15 +423,18 @@ class Inputs:
     preprocess: preprocessing.PreprocessConfig
 
     def dataset(self, split, training, ten_crop=False):
-        """(dataset, DatasetInfo) of a split: a plain dataset of global batches. Keras splits it
-        across the replicas and, with several workers, shards it (by file where it can, else by
-        record); Keras 3's fit() cannot take distribute_datasets_from_function's PerReplica."""
+        """(dataset, DatasetInfo) of a split: a plain dataset of global batches of uint8 crops,
+        which the model's steps pass through the InputStage first (`run_input_stage`). Keras
+        splits it across the replicas and, with several workers, shards it (by file where it
+        can, else by record); Keras 3's fit() cannot take distribute_datasets_from_function's
+        PerReplica."""
         config = self.config
         return data.make_dataset(
             config.dataset, split, training, config.batch_size, self.preprocess,
             data_dir=config.data_dir, seed=config.seed, cache=config.cache,
             shuffle_buffer=config.shuffle_buffer, repeat=training, ten_crop=ten_crop,
-            num_classes=self.num_classes, one_based_labels=config.one_based_labels)
+            num_classes=self.num_classes, one_based_labels=config.one_based_labels,
+            device_stage=True)
 
 
 def _preprocess_config(config, info, run):
@@ -451,6 +456,12 @@ def _preprocess_config(config, info, run):
         changes.update(mean=convention.mean, std=convention.std, bgr=convention.bgr)
     if config.pca == "none":
         changes.update(eigval=None, eigvec=None)
+    elif config.pca == "dataset" and info.prepared is not None and "pca" in info.prepared:
+        pca = info.prepared["pca"]
+        logging.info("PCA lighting eigen-pairs of the %s training pixels prepare.py counted",
+                     f"{pca['pixels']:,}")
+        changes["eigval"] = tuple(pca["eigval"])
+        changes["eigvec"] = tuple(tuple(row) for row in pca["eigvec"])
     elif config.pca == "dataset" and pre.channels == 3:
         logging.info("Computing PCA lighting eigen-pairs from 1000 training images")
         sample, _ = data.load_source(config.dataset, "train", config.data_dir,
@@ -498,9 +509,29 @@ def _steps_per_epoch(config, train_info):
     return steps
 
 
+def run_input_stage(model, stage):
+    """Makes `stage` (a `preprocessing.InputStage`) the first part of the model's train, test and
+    predict steps, so that it runs on the model's device on each batch of uint8 crops that
+    `make_dataset(..., device_stage=True)` yields: with training=True in training steps only.
+    The model itself (its layers, checkpoints and exports) is unchanged."""
+
+    def staged(step, training):
+        def step_with_stage(data):
+            images, *rest = data if isinstance(data, tuple) else (data,)
+            return step((stage(images, training=training), *rest))
+
+        return step_with_stage
+
+    model.train_step = staged(model.train_step, True)
+    model.test_step = staged(model.test_step, False)
+    model.predict_step = staged(model.predict_step, False)
+    return model
+
+
 def create_model(config, inputs, strategy, steps_per_epoch, resuming):
     """The compiled model: built under the strategy, started from --init_from unless the run
-    resumes from its backup, layers frozen as --trainable says, weight decay on the kernels."""
+    resumes from its backup, layers frozen as --trainable says, weight decay on the kernels,
+    the input stage in its steps."""
     pre = inputs.preprocess
     with strategy.scope():
         model = build_model(config, inputs.num_classes, pre.image_size, pre.channels)
@@ -524,6 +555,7 @@ def create_model(config, inputs, strategy, steps_per_epoch, resuming):
             ],
             jit_compile=config.jit_compile,
         )
+        run_input_stage(model, preprocessing.InputStage(pre, seed=config.seed))
     return model
 
 
@@ -638,20 +670,24 @@ def train_and_evaluate(config, workdir):
     results["top1_error"], results["top5_error"] = 1 - results["top1"], 1 - results["top5"]
     if config.ten_crop_eval:
         results.update(evaluate_ten_crop(
-            model, inputs.dataset("validation", False, ten_crop=True)[0], config.eval_steps))
+            model, inputs.dataset("validation", False, ten_crop=True)[0], config.eval_steps,
+            stage=preprocessing.InputStage(inputs.preprocess)))
     results["train_seconds"] = train_seconds
     if chief:
         report(results, RunDir(workdir))
     return results
 
 
-def evaluate_ten_crop(model, dataset, steps=None):
-    """Paper §4.1 test-time averaging: mean softmax over the 10 crops of each image."""
+def evaluate_ten_crop(model, dataset, steps=None, stage=None):
+    """Paper §4.1 test-time averaging: mean softmax over the 10 crops of each image. `stage`:
+    the InputStage of uint8 crops (make_dataset(..., device_stage=True))."""
     top1 = keras.metrics.SparseCategoricalAccuracy()
     top5 = keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, model.output_shape[-1]))
     for i, (crops, labels) in enumerate(dataset):
         if steps is not None and i >= steps:
             break
+        if stage is not None:
+            crops = stage(crops, training=False)
         probs = model_lib.crop_averaged_probabilities(model, crops)
         top1.update_state(labels, probs)
         top5.update_state(labels, probs)
