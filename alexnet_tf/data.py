@@ -297,11 +297,16 @@ def _prepared_source(directory, split, **unused):
     return tf.data.Dataset.from_tensor_slices(files), info
 
 
-def _parse_example(record, one_based_labels):
-    features = tf.io.parse_single_example(record, {
-        "image/encoded": tf.io.FixedLenFeature([], tf.string),
-        "image/class/label": tf.io.FixedLenFeature([], tf.int64),
-    })
+_EXAMPLE_KEYS = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def parse_examples(records, one_based_labels=False):
+    """(encoded images, int32 labels) of one serialized tf.train.Example or a vector of them."""
+    parse = tf.io.parse_single_example if records.shape.rank == 0 else tf.io.parse_example
+    features = parse(records, _EXAMPLE_KEYS)
     label = tf.cast(features["image/class/label"], tf.int32) - int(one_based_labels)
     return features["image/encoded"], label
 
@@ -326,11 +331,13 @@ def _tfrecord_source(pattern, split, num_classes=None, one_based_labels=False, *
 
 def load_source(source, split, data_dir=None, training=False, seed=None, input_context=None,
                 num_classes=None, one_based_labels=False, parallel_reads=tf.data.AUTOTUNE,
-                deterministic=False, order_seed=None):
+                deterministic=False, order_seed=None, serialized=False):
     """Reads a split as (image, label, origin) records, before any preprocessing.
 
     `order_seed` (not training): a folder tree's files in one fixed pseudo-random order, the same
     in every iterator, instead of class by class (prepare.py writes its shards in that order).
+    `serialized`: TFRecord and prepared sources yield the serialized tf.train.Example strings,
+    for parsing per batch (`parse_examples`).
 
     Returns:
         (dataset, DatasetInfo). File sources are sharded by file under `input_context`.
@@ -362,10 +369,14 @@ def load_source(source, split, data_dir=None, training=False, seed=None, input_c
     elif info.kind in (SourceKind.TFRECORD, SourceKind.PREPARED):
         if training:
             ds = ds.shuffle(1024, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.interleave(
-            lambda path: tf.data.TFRecordDataset(path).map(
-                lambda r: (*_parse_example(r, one_based_labels), path)),
-            cycle_length=16, num_parallel_calls=parallel_reads, deterministic=deterministic)
+        if serialized:
+            read = tf.data.TFRecordDataset
+        else:
+            def read(path):
+                return tf.data.TFRecordDataset(path).map(
+                    lambda r: (*parse_examples(r, one_based_labels), path))
+        ds = ds.interleave(read, cycle_length=16, num_parallel_calls=parallel_reads,
+                           deterministic=deterministic)
     return ds, info
 
 
@@ -465,8 +476,10 @@ def make_dataset(
     """
     if deterministic is None:
         deterministic = seed is not None or not training
+    # Prepared training data is parsed, checked and cropped per batch (_prepared_training).
+    batched_crops = training and parse_source(source)[0] == "prepared"
     ds, info = load_source(source, split, data_dir, training, seed, input_context, num_classes,
-                           one_based_labels, deterministic=deterministic)
+                           one_based_labels, deterministic=deterministic, serialized=batched_crops)
     num_classes = num_classes or info.num_classes
     if preprocess.channels != info.channels and info.channels is not None:
         logging.info("Converting %d-channel images of %s to %d channels",
@@ -475,8 +488,8 @@ def make_dataset(
         logging.info("One-channel images: PCA lighting is off (it is defined on RGB)")
 
     info.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_images")
-    encoded = ds.element_spec[0].dtype == tf.string
-    if encoded:
+    encoded = batched_crops or ds.element_spec[0].dtype == tf.string
+    if encoded and not batched_crops:
         ds = ds.filter(_readable(info, preprocess))
     if cache:
         ds = ds.cache()
@@ -488,8 +501,11 @@ def make_dataset(
     if repeat:
         ds = ds.repeat()
 
+    if batched_crops:
+        return _prepared_training(ds, info, preprocess, batch_size, seed, deterministic,
+                                  num_classes, device_stage, autotune, input_context), info
     if info.kind is SourceKind.PREPARED:
-        per_example, per_batch = _prepared_steps(preprocess, training, ten_crop, device_stage)
+        per_example, per_batch = _prepared_steps(preprocess, ten_crop, device_stage)
     elif not training:
         per_example, per_batch = _evaluation_steps(preprocess, ten_crop, info.jpeg_only,
                                                    device_stage)
@@ -506,14 +522,49 @@ def make_dataset(
     # batches, as a per-record map would be one more sequential stage per image.
     ds = ds.map(lambda x, y, o: _check_label(x, y, o, num_classes)[:2])
     ds = _apply(ds, per_batch, seed, deterministic)
+    return _finished(ds, deterministic, autotune, input_context), info
 
+
+def _finished(ds, deterministic, autotune, input_context):
+    """The pipeline's options, and a prefetch buffer at its end."""
     options = tf.data.Options()
     options.deterministic = deterministic
     options.autotune.enabled = autotune
     if input_context is not None and input_context.num_input_pipelines > 1:
-        # Already sharded above; stop tf.distribute from sharding a second time.
+        # Already sharded in load_source; stop tf.distribute from sharding a second time.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE), info
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _prepared_training(ds, info, preprocess, batch_size, seed, deterministic, num_classes,
+                       device_stage, autotune, input_context):
+    """make_dataset's training pipeline for prepared data, after the shuffle of the serialized
+    records: batches of them, then one call per batch that parses them, drops and counts the
+    incomplete images and decodes a random window of each of the others
+    (preprocessing.prepared_random_crops). Per batch because a tf.data stage per record costs
+    about as much as decoding its window (BENCHMARKS.md, "Prepared data"). A batch that lost
+    records to the check is that much smaller; one whose decoding fails past the check (damage
+    inside a file) is dropped with tf.data's warning (ignore_errors)."""
+    stored = None if info.prepared.get("keep_frame") else info.prepared["resolution"]
+    def crops(records, s):
+        images, labels = parse_examples(records)
+        ok = preprocessing.looks_complete(images)
+        with tf.control_dependencies([info.skipped.assign_add(
+                tf.reduce_sum(tf.cast(~ok, tf.int64)))]):
+            images = tf.boolean_mask(images, ok)
+        labels = tf.boolean_mask(labels, ok)
+        images = preprocessing.prepared_random_crops(images, s, preprocess, stored)
+        origins = tf.fill(tf.shape(labels), info.source)  # the records name no file
+        return _check_label(images, labels, origins, num_classes)[:2]
+
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = tf.data.Dataset.zip(ds, seeds).map(crops, num_parallel_calls=tf.data.AUTOTUNE,
+                                            deterministic=deterministic)
+    ds = ds.ignore_errors(log_warning=True)
+    augment = _augmenter(preprocess, device_stage)
+    ds = _apply(ds, augment, seed, deterministic)
+    return _finished(ds, deterministic, autotune, input_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,14 +703,10 @@ def _photo_training_steps(preprocess, jpeg, device_stage):
             _augmenter(preprocess, device_stage))
 
 
-def _prepared_steps(preprocess, training, ten_crop, device_stage):
-    """(per record, per batch) for prepared data (prepare.py): uint8 windows decoded alone from
-    the stored JPEGs, never resampled (a random one in training, the centre one in evaluation,
-    or the ten crops of the central square); augmented or normalised per batch."""
-    if training:
-        return (_Step(lambda x, s: preprocessing.prepared_random_crop(x, s, preprocess),
-                      seeded=True),
-                _augmenter(preprocess, device_stage))
+def _prepared_steps(preprocess, ten_crop, device_stage):
+    """(per record, per batch) for evaluating prepared data (prepare.py): the centre window
+    decoded alone from the stored JPEG, never resampled, or the ten crops of the central square;
+    normalised per batch. (Training: _prepared_training.)"""
     if ten_crop:
         return _ten_crop_views(preprocess, device_stage), _normalizer(preprocess, device_stage)
     return (_Step(lambda x: preprocessing.prepared_center_crop(x, preprocess)),

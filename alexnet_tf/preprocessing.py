@@ -163,14 +163,15 @@ def checked(encoded, max_pixels):
 
 
 def looks_complete(encoded):
-    """Cheap in-graph check that bytes are a whole JPEG or PNG file (magic and end marker).
+    """Cheap in-graph check that bytes are a whole JPEG or PNG file (magic and end marker); of
+    one string or, element by element, of a vector of them.
 
     Zero-byte, non-image and truncated files fail it, so they can be skipped and counted
     instead of stopping an epoch with a decode error.
     """
     size = tf.strings.length(encoded)
-    tail2 = tf.strings.substr(encoded, tf.maximum(size - 2, 0), 2)
-    tail8 = tf.strings.substr(encoded, tf.maximum(size - 8, 0), 8)
+    tail2 = tf.strings.substr(encoded, tf.maximum(size - 2, 0), tf.fill(tf.shape(size), 2))
+    tail8 = tf.strings.substr(encoded, tf.maximum(size - 8, 0), tf.fill(tf.shape(size), 8))
     jpeg = tf.logical_and(tf.io.is_jpeg(encoded), tf.equal(tail2, b"\xff\xd9"))
     png = tf.logical_and(
         tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE),
@@ -461,17 +462,32 @@ def ten_crop(image, config):
 # Prepared data (prepare.py): JPEGs already at the paper's 256 x 256, cropped without resizing
 
 
-def prepared_random_crop(encoded, seed, config):
-    """Paper §4.1's training crop of a prepared JPEG: a random image_size x image_size window,
-    anywhere in the stored image, decoded alone (`decode_and_crop_jpeg`), not resampled.
-    Returns uint8 [image_size, image_size, channels]."""
-    shape = tf.io.extract_jpeg_shape(encoded)
+def prepared_random_crops(encoded, seed, config, stored_size=None, parallel_iterations=4):
+    """Paper §4.1's training crops of a batch of prepared JPEGs [N]: for each, a random
+    image_size x image_size window anywhere in the stored image, decoded alone
+    (`decode_and_crop_jpeg`), not resampled. Returns uint8 [N, image_size, image_size, channels].
+
+    A whole batch per call: in tf.data, a map call per image costs about as much as decoding
+    its window (BENCHMARKS.md, prepared data). `stored_size`: every image is stored_size x
+    stored_size (prepare.py without keep_frame), so no header is read.
+    """
     size = config.image_size
-    offsets = tf.random.stateless_uniform([2], seed, 0, tf.int32.max, dtype=tf.int32)
-    top, left = offsets[0] % (shape[0] - size + 1), offsets[1] % (shape[1] - size + 1)
-    crop = tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, size, size]),
-                                         channels=config.channels)
-    return tf.ensure_shape(crop, [size, size, config.channels])
+    count = tf.shape(encoded)[0]
+    if stored_size is None:
+        shapes = tf.map_fn(lambda x: tf.io.extract_jpeg_shape(x)[:2], encoded,
+                           fn_output_signature=tf.TensorSpec([2], tf.int32))
+    else:
+        shapes = tf.fill([count, 2], stored_size)
+    draws = tf.random.stateless_uniform([count, 2], seed, 0, tf.int32.max, dtype=tf.int32)
+    offsets = draws % (shapes - size + 1)  # a bias of < 1e-7 for any image size
+
+    def crop(args):
+        image, offset = args
+        return tf.image.decode_and_crop_jpeg(image, tf.stack([offset[0], offset[1], size, size]),
+                                             channels=config.channels)
+
+    return tf.map_fn(crop, (encoded, offsets), parallel_iterations=parallel_iterations,
+                     fn_output_signature=tf.TensorSpec([size, size, config.channels], tf.uint8))
 
 
 def prepared_center_crop(encoded, config):

@@ -36,6 +36,22 @@ def training_flops(model):
     return 3 * forward_flops(model) - 2 * h * w * kh * kw * c_in * c_out
 
 
+def step_clock(warmup_steps):
+    """A Keras callback that records when warm-up ends (`start`) and when the last training step
+    ends (`end`)."""
+    import keras
+
+    class Clock(keras.callbacks.Callback):
+        start = end = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == warmup_steps - 1:
+                self.start = time.perf_counter()
+            self.end = time.perf_counter()
+
+    return Clock()
+
+
 def matmul_peak_gflops(n=4096, repeats=10, dtype="float32"):
     """This machine's fp32 matrix-multiply rate as TensorFlow achieves it (best of `repeats`)."""
     import tensorflow as tf
@@ -126,3 +142,36 @@ def torch_inference_latencies(variant, batch_size, image_size, steps, warmup_ste
             if i >= warmup_steps:
                 latencies.append(time.perf_counter() - start)
     return latencies
+
+
+# Colour photographs bundled with scikit-image (no download).
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina",
+          "immunohistochemistry")
+
+
+def make_jpegs(root, count):
+    """Writes `count` ImageNet-like JPEGs (~500x375, quality 92, ~100 KB) cut from scikit-image's
+    photographs to root/train/class<i % 10>/<i>.jpg; returns their mean size in bytes."""
+    import numpy as np
+    import skimage.data
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    photos = [getattr(skimage.data, name)()[..., :3] for name in PHOTOS]
+    sizes = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        # A random crop of 60-100% of the photo, resized to an ImageNet-like 500x375 or 375x500.
+        frac = rng.uniform(0.6, 1.0)
+        ch, cw = int(h * frac), int(w * frac)
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        target = (375, 500) if i % 3 else (500, 375)
+        image = tf.image.resize(photo[top : top + ch, left : left + cw], target, antialias=True)
+        data = tf.io.encode_jpeg(tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8), quality=92)
+        folder = os.path.join(root, "train", f"class{i % 10}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{i}.jpg"), "wb") as f:
+            f.write(data.numpy())
+        sizes.append(len(data.numpy()))
+    return sum(sizes) / len(sizes)

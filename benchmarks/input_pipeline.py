@@ -1,25 +1,37 @@
-"""Input pipeline throughput on ImageNet-sized JPEGs made from real photographs.
+"""Input pipeline throughput on ImageNet-sized JPEGs made from real photographs, and on the
+same images prepared once by prepare.py (the paper's 256 x 256 form).
 
 Writes a folder tree of ~500x375, ~100 KB JPEGs re-encoded from scikit-image's sample photographs
-(several sizes and crops), then measures images/s (total and per core) and the process's CPU time
-per image of:
-  decode-only   read + tf.io.decode_jpeg (libjpeg-turbo: the ceiling)
-  decode+resize read + decode + one bilinear resize to the crop size: the ceiling of any
-                pipeline that resamples each image on the fly (the paper's scheme does)
-  train         alexnet_tf.data.make_dataset(training=True): fused decode+crop, flip, PCA
-                lighting, normalisation, batching
-  naive-train   full decode -> resize to 256 -> Keras RandomCrop/RandomFlip on batches
-  eval          make_dataset(training=False): decode, shorter side 256, centre crop
+(several sizes and crops), prepares it with alexnet_tf.prepare (reporting its img/s and MB in and
+out), then measures images/s (total and per core) and the process's CPU time per image of:
+  decode-only           read + tf.io.decode_jpeg of the originals (libjpeg-turbo: the ceiling
+                        of any pipeline that decodes them)
+  decode+resize         read + decode + one bilinear resize to the crop size: the ceiling of any
+                        pipeline that resamples each image on the fly
+  train                 make_dataset(training=True) on the originals, the host doing everything:
+                        fused decode+crop+resize, flip, PCA lighting, normalisation, batching
+  train, uint8          the same with device_stage=True, as train.py runs it: the host stops at
+                        uint8 crops (flip, lighting and normalisation run on the device)
+  naive-train           full decode -> resize to 256 -> Keras RandomCrop/RandomFlip on batches
+  eval                  make_dataset(training=False) on the originals
+  prepared decode-only  read the prepared shards + parse + decode each whole 256 x 256 JPEG
+  prepared train        make_dataset("prepared:DIR", training=True, device_stage=True): a random
+                        227 x 227 window decoded alone, uint8 batches, no resize
 Example:
     pip install scikit-image && python benchmarks/input_pipeline.py --images=600
     python benchmarks/input_pipeline.py --images=600 --ablation   # what each stage costs
 """
 
 import os
+import sys
 import tempfile
 import time
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+
+import common  # noqa: E402
 
 flags.DEFINE_integer("images", 600, "JPEG files to generate.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
@@ -33,37 +45,6 @@ flags.DEFINE_bool("ablation", False, "Also measure parts of the training pipelin
                   "augmented nor filtered.")
 flags.DEFINE_string("dir", None, "Where to write the files (default: a temporary directory).")
 FLAGS = flags.FLAGS
-
-# Colour photographs bundled with scikit-image (no download).
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina",
-          "immunohistochemistry")
-
-
-def make_jpegs(root, count):
-    import numpy as np
-    import skimage.data
-    import tensorflow as tf
-
-    rng = np.random.default_rng(0)
-    photos = [getattr(skimage.data, name)()[..., :3] for name in PHOTOS]
-    sizes = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        # A random crop of 60-100% of the photo, resized to an ImageNet-like 500x375 or 375x500.
-        frac = rng.uniform(0.6, 1.0)
-        ch, cw = int(h * frac), int(w * frac)
-        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        target = (375, 500) if i % 3 else (500, 375)
-        image = tf.image.resize(photo[top : top + ch, left : left + cw], target, antialias=True)
-        data = tf.io.encode_jpeg(tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8), quality=92)
-        folder = os.path.join(root, "train", f"class{i % 10}")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"{i}.jpg"), "wb") as f:
-            f.write(data.numpy())
-        sizes.append(len(data.numpy()))
-    return sum(sizes) / len(sizes)
-
 
 def measure(ds, batch_size):
     """Steady-state (images/s, CPU ms per image) of a repeating pipeline: FLAGS.batches batches
@@ -89,6 +70,26 @@ def measure(ds, batch_size):
             1000 * (time.process_time() - cpu_start) / images)
 
 
+def prepare_once(root):
+    """Prepares the folder tree with alexnet_tf.prepare; returns the prepared directory."""
+    import io
+
+    from alexnet_tf import prepare
+
+    out = os.path.join(root, "prepared")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    description = prepare.prepare(f"folder:{root}", out, splits=("train",), out=io.StringIO())
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    split = description["splits"]["train"]
+    n = split["records"]
+    print(f"prepare.py: {n} images in {seconds:.1f} s = {n / seconds:.0f} img/s "
+          f"({1000 * cpu / n:.2f} CPU ms/img, start-up included); "
+          f"{split['bytes_in'] / 1e6:.1f} MB in, {split['bytes_out'] / 1e6:.1f} MB out "
+          f"({split['bytes_out'] / n / 1024:.1f} KiB per image at quality "
+          f"{description['jpeg_quality']})", flush=True)
+    return out
+
+
 def main(argv):
     del argv
     import keras
@@ -98,12 +99,14 @@ def main(argv):
     from alexnet_tf import data, preprocessing
 
     root = FLAGS.dir or tempfile.mkdtemp(prefix="alexnet_jpegs_")
-    mean_bytes = make_jpegs(root, FLAGS.images)
+    mean_bytes = common.make_jpegs(root, FLAGS.images)
     files = sorted(tf.io.gfile.glob(os.path.join(root, "train", "*", "*.jpg")))
     n = len(files)
     cores = os.cpu_count()
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(TensorFlow's default)")
     print(f"{n} JPEGs, mean {mean_bytes / 1024:.0f} KiB, in {root}; {cores} cores; "
-          f"batch {FLAGS.batch_size}")
+          f"batch {FLAGS.batch_size}; TF_ENABLE_ONEDNN_OPTS={onednn}")
+    prepared = prepare_once(root)
     autotune = tf.data.AUTOTUNE
     config = preprocessing.PreprocessConfig()  # the paper's 227 crops of 256
 
@@ -129,11 +132,28 @@ def main(argv):
              .prefetch(autotune))
     train, _ = data.make_dataset(f"folder:{root}", "train", True, FLAGS.batch_size, config,
                                  repeat=True)
+    train_uint8, _ = data.make_dataset(f"folder:{root}", "train", True, FLAGS.batch_size, config,
+                                       repeat=True, device_stage=True)
+    shards = tf.data.Dataset.from_tensor_slices(
+        sorted(tf.io.gfile.glob(os.path.join(prepared, "train-*")))).repeat()
+    prepared_decode = (
+        shards.interleave(tf.data.TFRecordDataset, cycle_length=16, num_parallel_calls=autotune,
+                          deterministic=False)
+        .map(lambda r: tf.shape(tf.io.decode_jpeg(tf.io.parse_single_example(
+            r, {"image/encoded": tf.io.FixedLenFeature([], tf.string)})["image/encoded"],
+            channels=3)), num_parallel_calls=autotune, deterministic=False)
+        .batch(FLAGS.batch_size).prefetch(autotune))
+    _, prepared_info = data.load_source(f"prepared:{prepared}", "train")
+    prepared_config = data.default_preprocess_config(prepared_info, 227)
+    prepared_train, _ = data.make_dataset(f"prepared:{prepared}", "train", True,
+                                          FLAGS.batch_size, prepared_config, repeat=True,
+                                          device_stage=True)
     evaluation, _ = data.make_dataset(f"folder:{root}", "train", False, FLAGS.batch_size, config,
                                       repeat=True)
 
     pipelines = [("decode-only", decode_only), ("decode+resize", decode_resize), ("train", train),
-                 ("naive-train", naive), ("eval", evaluation)]
+                 ("train, uint8", train_uint8), ("naive-train", naive), ("eval", evaluation),
+                 ("prepared decode-only", prepared_decode), ("prepared train", prepared_train)]
     if FLAGS.ablation:
         seeds = tf.data.Dataset.random(seed=0, rerandomize_each_iteration=True).batch(2)
         encoded = tf.data.Dataset.zip(paths.map(tf.io.read_file, num_parallel_calls=autotune),
@@ -168,6 +188,10 @@ def main(argv):
     for name, rate in median.items():
         print(f"| {name} | {rate:.0f} | {rate / cores:.0f} | {rate / median['decode-only']:.0%} "
               f"| {cpu[name]:.2f} | {cpu['decode-only'] / cpu[name]:.0%} |")
+    prepared_rate = median["prepared train"]
+    print(f"prepared train vs train (host does all): {prepared_rate / median['train']:.1f}x; "
+          f"vs train, uint8: {prepared_rate / median['train, uint8']:.1f}x; "
+          f"vs prepared decode-only: {prepared_rate / median['prepared decode-only']:.0%}")
 
 
 if __name__ == "__main__":

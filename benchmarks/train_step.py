@@ -93,26 +93,11 @@ def train_rate(variant, batch_size, jit_compile, strategy):
     options.autotune.enabled = False
     data = (tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(2)
             .with_options(options))
-    clock = step_clock(FLAGS.warmup_steps)
+    clock = common.step_clock(FLAGS.warmup_steps)
     model.fit(data, steps_per_epoch=FLAGS.warmup_steps + FLAGS.steps, epochs=1, verbose=0,
               callbacks=[clock])
     elapsed = clock.end - clock.start
     return FLAGS.steps * batch_size / elapsed, common.training_flops(model)
-
-
-def step_clock(warmup_steps):
-    """A callback that records when warm-up ends (`start`) and when the last step ends (`end`)."""
-    import keras
-
-    class Clock(keras.callbacks.Callback):
-        start = end = None
-
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == warmup_steps - 1:
-                self.start = time.perf_counter()
-            self.end = time.perf_counter()
-
-    return Clock()
 
 
 def main(argv):

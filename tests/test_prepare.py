@@ -276,6 +276,29 @@ def test_ten_crops_are_the_corners_centre_and_mirrors(prepared):
     matched(crops, images, ten_views)
 
 
+def test_a_damaged_prepared_record_is_skipped_and_counted_in_training(prepared, tmp_path):
+    _, _, out = prepared
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in os.listdir(out):
+        if not name.startswith("."):
+            os.symlink(os.path.join(out, name), damaged / name)
+    first = data.read_prepared(out)["splits"]["train"]["shards"][0]
+    (damaged / first).unlink()
+    with tf.io.TFRecordWriter(str(damaged / first)) as writer:
+        for i, record in enumerate(tf.data.TFRecordDataset(os.path.join(out, first))):
+            example = tf.train.Example.FromString(record.numpy())
+            if i == 0:  # cut the JPEG short, as a damaged disk block would
+                jpeg = example.features.feature["image/encoded"].bytes_list.value
+                jpeg[0] = jpeg[0][:len(jpeg[0]) // 2]
+            writer.write(example.SerializeToString())
+    ds, info = data.make_dataset(f"prepared:{damaged}", "train", True, 1, config_for(out),
+                                 seed=0, device_stage=True)
+    images = sum(int(x.shape[0]) for x, _ in ds)
+    assert int(info.skipped.numpy()) == 1
+    assert images == data.read_prepared(out)["splits"]["train"]["records"] - 1
+
+
 def test_make_dataset_without_the_device_stage_normalises_on_the_host(prepared):
     _, _, out = prepared
     config = config_for(out)
