@@ -546,16 +546,21 @@ def _prepared_training(ds, info, preprocess, batch_size, seed, deterministic, nu
     records to the check is that much smaller; one whose decoding fails past the check (damage
     inside a file) is dropped with tf.data's warning (ignore_errors)."""
     stored = None if info.prepared.get("keep_frame") else info.prepared["resolution"]
+    # Stands in for an incomplete image until its crop is dropped, so that the batch keeps its
+    # size while it is decoded.
+    stand_in = tf.io.encode_jpeg(tf.zeros([preprocess.resize_size] * 2 + [3], tf.uint8))
+
     def crops(records, s):
         images, labels = parse_examples(records)
         ok = preprocessing.looks_complete(images)
         with tf.control_dependencies([info.skipped.assign_add(
                 tf.reduce_sum(tf.cast(~ok, tf.int64)))]):
-            images = tf.boolean_mask(images, ok)
-        labels = tf.boolean_mask(labels, ok)
-        images = preprocessing.prepared_random_crops(images, s, preprocess, stored)
+            images = tf.where(ok, images, stand_in)
+        crops = preprocessing.prepared_random_crops(images, s, preprocess, stored)
+        crops, labels = tf.cond(tf.reduce_all(ok), lambda: (crops, labels),
+                                lambda: (tf.boolean_mask(crops, ok), tf.boolean_mask(labels, ok)))
         origins = tf.fill(tf.shape(labels), info.source)  # the records name no file
-        return _check_label(images, labels, origins, num_classes)[:2]
+        return _check_label(crops, labels, origins, num_classes)[:2]
 
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     ds = ds.batch(batch_size, drop_remainder=True)

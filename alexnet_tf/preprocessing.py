@@ -462,32 +462,30 @@ def ten_crop(image, config):
 # Prepared data (prepare.py): JPEGs already at the paper's 256 x 256, cropped without resizing
 
 
-def prepared_random_crops(encoded, seed, config, stored_size=None, parallel_iterations=4):
-    """Paper §4.1's training crops of a batch of prepared JPEGs [N]: for each, a random
-    image_size x image_size window anywhere in the stored image, decoded alone
+def prepared_random_crops(encoded, seed, config, stored_size=None):
+    """Paper §4.1's training crops of a batch of prepared JPEGs [N] (N known when tracing): for
+    each, a random image_size x image_size window anywhere in the stored image, decoded alone
     (`decode_and_crop_jpeg`), not resampled. Returns uint8 [N, image_size, image_size, channels].
 
-    A whole batch per call: in tf.data, a map call per image costs about as much as decoding
-    its window (BENCHMARKS.md, prepared data). `stored_size`: every image is stored_size x
-    stored_size (prepare.py without keep_frame), so no header is read.
+    A whole batch per call, one decode op per image in one graph (TensorFlow runs them side by
+    side): in tf.data, a map call per image costs about as much as decoding its window, and a
+    tf.map_fn loop still ~8% (BENCHMARKS.md, "Prepared data"). `stored_size`: every image is
+    stored_size x stored_size (prepare.py without keep_frame), so no header is read.
     """
-    size = config.image_size
-    count = tf.shape(encoded)[0]
+    count, size = encoded.shape[0], config.image_size
+    if count is None:
+        raise ValueError("prepared_random_crops needs a batch size known when tracing")
     if stored_size is None:
-        shapes = tf.map_fn(lambda x: tf.io.extract_jpeg_shape(x)[:2], encoded,
-                           fn_output_signature=tf.TensorSpec([2], tf.int32))
+        shapes = tf.stack([tf.io.extract_jpeg_shape(encoded[i])[:2] for i in range(count)])
     else:
         shapes = tf.fill([count, 2], stored_size)
     draws = tf.random.stateless_uniform([count, 2], seed, 0, tf.int32.max, dtype=tf.int32)
     offsets = draws % (shapes - size + 1)  # a bias of < 1e-7 for any image size
-
-    def crop(args):
-        image, offset = args
-        return tf.image.decode_and_crop_jpeg(image, tf.stack([offset[0], offset[1], size, size]),
-                                             channels=config.channels)
-
-    return tf.map_fn(crop, (encoded, offsets), parallel_iterations=parallel_iterations,
-                     fn_output_signature=tf.TensorSpec([size, size, config.channels], tf.uint8))
+    return tf.stack([
+        tf.image.decode_and_crop_jpeg(
+            encoded[i], tf.stack([offsets[i, 0], offsets[i, 1], size, size]),
+            channels=config.channels)
+        for i in range(count)])
 
 
 def prepared_center_crop(encoded, config):
