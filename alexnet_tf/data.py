@@ -542,7 +542,7 @@ def _prepared_training(ds, info, preprocess, batch_size, seed, deterministic, nu
     records: batches of them, then one call per batch that parses them, drops and counts the
     incomplete images and decodes a random window of each of the others
     (preprocessing.prepared_random_crops). Per batch because a tf.data stage per record costs
-    about as much as decoding its window (BENCHMARKS.md, "Prepared data"). A batch that lost
+    about as much as decoding its window (BENCHMARKS.md, "Input pipelines"). A batch that lost
     records to the check is that much smaller; one whose decoding fails past the check (damage
     inside a file) is dropped with tf.data's warning (ignore_errors)."""
     stored = None if info.prepared.get("keep_frame") else info.prepared["resolution"]

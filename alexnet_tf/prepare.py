@@ -36,10 +36,10 @@ import tensorflow as tf
 from alexnet_tf import data, preprocessing
 
 RESOLUTION = 256  # paper §2
-# JPEG quality of the prepared images. benchmarks/prepare_quality.py (BENCHMARKS.md, "Prepared
-# data") measured 39.2 dB PSNR and a mean error of 2.0 levels at 90, against 41.5 dB and 1.5 at 98
-# for twice the bytes; the error is below the PCA lighting's own shift (std ~5.5 levels along the
-# first eigenvector), and fewer bytes decode faster.
+# JPEG quality of the prepared images. benchmarks/prepare_quality.py (BENCHMARKS.md, "Input
+# pipelines") measured 39.2 dB PSNR and a mean error of 2.0 levels at 90, against 41.5 dB and
+# 1.5 at 98 for twice the bytes; the error is below the PCA lighting's own shift (std ~5.5
+# levels along the first eigenvector), and fewer bytes decode faster.
 DEFAULT_QUALITY = 90
 RECORDS_PER_SHARD = 1024  # about 25-30 MB of 256 x 256 JPEGs; ImageNet's train split: 1,252 shards
 SPLITS = ("train", "validation")
