@@ -543,8 +543,9 @@ def _prepared_training(ds, info, preprocess, batch_size, seed, deterministic, nu
     incomplete images and decodes a random window of each of the others
     (preprocessing.prepared_random_crops). Per batch because a tf.data stage per record costs
     about as much as decoding its window (BENCHMARKS.md, "Input pipelines"). A batch that lost
-    records to the check is that much smaller; one whose decoding fails past the check (damage
-    inside a file) is dropped with tf.data's warning (ignore_errors)."""
+    records to the check is that much smaller (and left out when none is left); one whose
+    decoding fails past the check (damage inside a file) is dropped with tf.data's warning
+    (ignore_errors)."""
     stored = None if info.prepared.get("keep_frame") else info.prepared["resolution"]
     # Stands in for an incomplete image until its crop is dropped, so that the batch keeps its
     # size while it is decoded.
@@ -557,16 +558,20 @@ def _prepared_training(ds, info, preprocess, batch_size, seed, deterministic, nu
                 tf.reduce_sum(tf.cast(~ok, tf.int64)))]):
             images = tf.where(ok, images, stand_in)
         crops = preprocessing.prepared_random_crops(images, s, preprocess, stored)
-        crops, labels = tf.cond(tf.reduce_all(ok), lambda: (crops, labels),
-                                lambda: (tf.boolean_mask(crops, ok), tf.boolean_mask(labels, ok)))
-        origins = tf.fill(tf.shape(labels), info.source)  # the records name no file
-        return _check_label(crops, labels, origins, num_classes)[:2]
+        return tf.cond(tf.reduce_all(ok), lambda: (crops, labels),
+                       lambda: (tf.boolean_mask(crops, ok), tf.boolean_mask(labels, ok)))
+
+    def check_labels(images, labels):
+        # After ignore_errors, so that a bad label stops the run; the records name no file.
+        origins = tf.fill(tf.shape(labels), info.source)
+        return _check_label(images, labels, origins, num_classes)[:2]
 
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = tf.data.Dataset.zip(ds, seeds).map(crops, num_parallel_calls=tf.data.AUTOTUNE,
                                             deterministic=deterministic)
     ds = ds.ignore_errors(log_warning=True)
+    ds = ds.filter(lambda images, labels: tf.size(labels) > 0).map(check_labels)
     augment = _augmenter(preprocess, device_stage)
     ds = _apply(ds, augment, seed, deterministic)
     return _finished(ds, deterministic, autotune, input_context)

@@ -299,6 +299,15 @@ def test_a_damaged_prepared_record_is_skipped_and_counted_in_training(prepared, 
     assert images == data.read_prepared(out)["splits"]["train"]["records"] - 1
 
 
+def test_a_label_outside_the_classes_stops_prepared_training(prepared):
+    _, _, out = prepared
+    ds, _ = data.make_dataset(f"prepared:{out}", "train", True, 4, config_for(out), seed=0,
+                              num_classes=2, device_stage=True)  # the shards hold labels 0-2
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"label outside \[0, 2\)"):
+        for _ in ds:
+            pass
+
+
 def test_make_dataset_without_the_device_stage_normalises_on_the_host(prepared):
     _, _, out = prepared
     config = config_for(out)
