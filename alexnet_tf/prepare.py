@@ -195,7 +195,7 @@ def _duration(seconds):
 
 
 def _prepare_split(source, split, output_dir, quality, keep_frame, records_per_shard,
-                   max_pixels, data_dir, num_classes, one_based_labels, out):
+                   max_pixels, data_dir, num_classes, one_based_labels, out, settings):
     training = split == "train"
     ds, info = data.load_source(source, split, data_dir, num_classes=num_classes,
                                 one_based_labels=one_based_labels, deterministic=True,
@@ -212,6 +212,8 @@ def _prepare_split(source, split, output_dir, quality, keep_frame, records_per_s
     finished = {name: _finished(output_dir, name) for name in names}
     todo = [i for i, name in enumerate(names) if finished[name] is None]
     if todo:
+        os.makedirs(os.path.join(output_dir, PROGRESS), exist_ok=True)
+        _write_json(_settings_path(output_dir), settings)
         _write_shards(ds, info, source, names, finished, todo[0] * records_per_shard, total,
                       records_per_shard, class_names, output_dir,
                       lambda encoded: _convert(encoded, quality, keep_frame, max_pixels),
@@ -239,7 +241,6 @@ class _ShardWriter:
             self.close()
             self.shard = shard
             if self.finished[self.names[shard]] is None:
-                os.makedirs(os.path.join(self.output_dir, PROGRESS), exist_ok=True)
                 self.writer = tf.io.TFRecordWriter(self._temporary())
                 self.totals = _Totals()
         return self.writer is not None
@@ -311,6 +312,24 @@ def _write_shards(ds, info, source, names, finished, first, total, records_per_s
     progress.update(total, 0, final=True)
 
 
+def _settings_path(output_dir):
+    return os.path.join(output_dir, PROGRESS, "settings.json")
+
+
+def _check_settings(output_dir, settings):
+    """A rerun into a directory must use the settings its shards were made with
+    (.progress/settings.json, saved before the first shard), or the finished shards would not
+    match the rest."""
+    if not os.path.isfile(_settings_path(output_dir)):
+        return
+    with open(_settings_path(output_dir)) as f:
+        before = json.load(f)
+    changed = [f"{key}={before.get(key)!r}" for key in settings if before.get(key) != settings[key]]
+    if changed:
+        raise PrepareError(f"{output_dir} holds shards made with {', '.join(changed)}: rerun "
+                           "with the same settings to resume, or use another --output_dir")
+
+
 def _temporary(output_dir, name):
     return os.path.join(output_dir, f".{name}.tmp")
 
@@ -338,6 +357,9 @@ def prepare(source, output_dir, data_dir=None, quality=DEFAULT_QUALITY, keep_fra
     if records_per_shard < 1:
         raise PrepareError(f"records_per_shard must be positive, got {records_per_shard}")
     os.makedirs(output_dir, exist_ok=True)
+    settings = {"source": source, "quality": quality, "keep_frame": keep_frame,
+                "records_per_shard": records_per_shard, "max_pixels": max_pixels}
+    _check_settings(output_dir, settings)
     description_path = os.path.join(output_dir, data.PREPARED_DESCRIPTION)
     if os.path.exists(description_path):
         os.remove(description_path)  # unfinished again until this run completes
@@ -356,7 +378,7 @@ def prepare(source, output_dir, data_dir=None, quality=DEFAULT_QUALITY, keep_fra
     for split in splits:
         names, class_names, totals = _prepare_split(
             source, split, output_dir, quality, keep_frame, records_per_shard, max_pixels,
-            data_dir, num_classes, one_based_labels, out)
+            data_dir, num_classes, one_based_labels, out, settings)
         description["class_names"] = class_names
         description["splits"][split] = {
             "records": totals.records, "shards": names, "bytes_in": totals.bytes_in,

@@ -185,6 +185,17 @@ def test_sigkill_during_prepare_then_rerun_writes_every_record_exactly_once(tmp_
     assert not list(out.glob(".*.tmp"))
 
 
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    (tmp_path / "photos" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "photos" / "train" / "a" / "one.jpg").write_bytes(
+        encode(smooth_image(300, 300), "jpeg"))
+    source, out = f"folder:{tmp_path / 'photos'}", str(tmp_path / "out")
+    prepare.prepare(source, out, splits=("train",))
+    with pytest.raises(prepare.PrepareError, match="quality=90"):
+        prepare.prepare(source, out, quality=75, splits=("train",))
+    prepare.prepare(source, out, splits=("train",))  # the same settings: nothing to redo
+
+
 def test_prepare_cli_refuses_bad_input_in_one_line(tmp_path):
     def prepare_py(dataset):
         return subprocess.run(
