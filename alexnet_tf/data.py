@@ -566,9 +566,8 @@ def _prepared_training(ds, info, preprocess, batch_size, seed, deterministic, nu
         origins = tf.fill(tf.shape(labels), info.source)
         return _check_label(images, labels, origins, num_classes)[:2]
 
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = tf.data.Dataset.zip(ds, seeds).map(crops, num_parallel_calls=tf.data.AUTOTUNE,
+    ds = tf.data.Dataset.zip(ds, _seeds(seed)).map(crops, num_parallel_calls=tf.data.AUTOTUNE,
                                             deterministic=deterministic)
     ds = ds.ignore_errors(log_warning=True)
     ds = ds.filter(lambda images, labels: tf.size(labels) > 0).map(check_labels)
@@ -590,13 +589,17 @@ class _Step:
     seeded: bool = False
 
 
+def _seeds(seed):
+    """One stateless [2] seed per element: fresh draws every epoch, reproducible given `seed`."""
+    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+
 def _apply(ds, step, seed, deterministic):
     """Maps `step` over the first component (the images) of every element; None: no step."""
     if step is None:
         return ds
     if step.seeded:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        return tf.data.Dataset.zip(ds, seeds).map(
+        return tf.data.Dataset.zip(ds, _seeds(seed)).map(
             lambda element, s: (step.fn(element[0], s), *element[1:]),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     return ds.map(lambda images, *rest: (step.fn(images), *rest),

@@ -580,7 +580,7 @@ class InputStage(keras.layers.Layer):
         config: the run's `PreprocessConfig` (flip, eigen-pairs, mean/std, BGR).
         seed: optional int seed of the flips and lighting coefficients.
 
-    Inputs are [..., H, W, C] (a batch, or a batch of ten-crop views) in [0, 255].
+    Inputs are [B, H, W, C] in [0, 255]; in inference also [B, 10, H, W, C] (ten-crop views).
     """
 
     def __init__(self, config, seed=None, **kwargs):
@@ -590,23 +590,12 @@ class InputStage(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, images, training=False):
-        config = self.config
-        images = tf.cast(images, tf.float32)
-        if training:
-            batch = tf.shape(images)[:-3]
-            if config.flip:
-                coin = keras.random.uniform(tf.concat([batch, [1, 1, 1]], 0),
-                                            seed=self.seed_generator)
-                images = tf.where(coin < 0.5, tf.reverse(images, axis=[-2]), images)
-            if config.eigval is not None:
-                alpha = keras.random.normal(tf.concat([batch, [3]], 0),
-                                            stddev=config.pca_alpha_std, seed=self.seed_generator)
-                images = pca_lighting(images, alpha, config.eigval, config.eigvec)
-        return normalize(images, config)
+        if training:  # a batch [B, H, W, C]: the host pipeline's per-batch augmentation
+            return augment_batch(images, self.seed_generator.next(), self.config)
+        return normalize(tf.cast(images, tf.float32), self.config)
 
     def compute_output_shape(self, input_shape):
         return input_shape
-
 
 
 def compute_pca(images, max_pixels=1_000_000, seed=0):
