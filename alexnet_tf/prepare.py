@@ -46,13 +46,12 @@ SPLITS = ("train", "validation")
 ORDER_SEED = 20120  # the fixed order of the training records (any constant)
 PROGRESS = ".progress"
 
-# Why a record was skipped (the status `_convert` returns; a record whose decoding fails is
-# dropped by tf.data and noticed by its missing index).
-OK, INCOMPLETE, OVERSIZED = 0, 1, 2
+# Why a record was skipped: the status `_convert` returns, or UNDECODABLE when it raised.
+OK, INCOMPLETE, OVERSIZED, UNDECODABLE = 0, 1, 2, 3
 REASONS = {
     INCOMPLETE: "not a whole JPEG or PNG file",
     OVERSIZED: "its header declares more pixels than max_pixels",
-    None: "could not be decoded",
+    UNDECODABLE: "could not be decoded",
 }
 
 
@@ -265,38 +264,32 @@ def _write_shards(ds, info, source, names, finished, first, total, records_per_s
     """Converts the records of `ds` from index `first` on, in parallel on every core, and writes
     them to the unfinished shards."""
     cores = os.cpu_count()
-    converted = ds.skip(first).enumerate(first).map(
-        lambda i, record: (i, record[1], record[2], tf.strings.length(record[0]),
-                           *convert(record[0])),
-        num_parallel_calls=cores, deterministic=True)
-    # A record whose decoding fails is dropped here, and named below by its missing index.
-    converted = converted.ignore_errors().prefetch(2 * cores)
-    origins = ds.map(lambda image, label, origin: origin)
+
+    def converted_or_failed(index, record):
+        # One record: its conversion or, when that raises (a decoding error), a stand-in with
+        # status UNDECODABLE, so that every record arrives, in order, with its origin.
+        image, label, origin = record
+        head = (index, label, origin, tf.strings.length(image))
+        done = tf.data.Dataset.from_tensors(image).map(lambda x: (*head, *convert(x)))
+        failed = tf.data.Dataset.from_tensors((*head, UNDECODABLE, b"", 0, 0,
+                                               tf.zeros([3], tf.float64),
+                                               tf.zeros([3, 3], tf.float64)))
+        return done.ignore_errors().concatenate(failed).take(1)
+
+    converted = ds.skip(first).enumerate(first).interleave(
+        converted_or_failed, cycle_length=cores, num_parallel_calls=cores, deterministic=True)
     shards = _ShardWriter(names, finished, records_per_shard, output_dir)
-
-    def skip(index, origin, reason):
-        name = origin if info.kind is data.SourceKind.FOLDER else f"{origin} record {index}"
-        shards.totals.skipped.append({"file": name, "reason": REASONS[reason]})
-
-    def lost(start, stop):
-        for index in range(start, stop):
-            if shards.enter(index):
-                origin = next(iter(origins.skip(index).take(1))).numpy().decode()
-                skip(index, origin, None)
-
-    expected = first
     for index, label, origin, size, status, jpeg, height, width, psum, pprod in (
-            converted.as_numpy_iterator()):
+            converted.prefetch(2 * cores).as_numpy_iterator()):
         index, origin = int(index), origin.decode()
-        lost(expected, index)
-        expected = index + 1
-        progress.update(expected, int(size))
+        progress.update(index + 1, int(size))
         if not shards.enter(index):
             continue  # a shard a previous run finished
         totals = shards.totals
         totals.bytes_in += int(size)
         if status != OK:
-            skip(index, origin, int(status))
+            name = origin if info.kind is data.SourceKind.FOLDER else f"{origin} record {index}"
+            totals.skipped.append({"file": name, "reason": REASONS[int(status)]})
             continue
         filename = (os.path.relpath(origin, source.partition(":")[2])
                     if info.kind is data.SourceKind.FOLDER else f"{origin}:{index}")
@@ -307,7 +300,6 @@ def _write_shards(ds, info, source, names, finished, first, total, records_per_s
         totals.pixels += int(height) * int(width)
         totals.pixel_sum = np.add(totals.pixel_sum, psum).tolist()
         totals.pixel_products = np.add(totals.pixel_products, pprod).tolist()
-    lost(expected, total)
     shards.close()
     progress.update(total, 0, final=True)
 

@@ -64,6 +64,9 @@ def prepared(tmp_path_factory):
     write_photos(source / "val", per_class=1)
     (source / "train" / "cat" / "truncated.jpg").write_bytes(photo_jpeg(300, 300)[:2000])
     (source / "train" / "dog" / "empty.jpg").write_bytes(b"")
+    # Whole by its markers, but no JPEG inside: decoding raises.
+    (source / "train" / "dog" / "garbled.jpg").write_bytes(
+        b"\xff\xd8\xff" + b"garbage" * 20 + b"\xff\xd9")
     out = str(root / "prepared")
     prepare.prepare(f"folder:{source}", out, records_per_shard=3)
     return source, files, out
@@ -96,6 +99,7 @@ def test_skipped_files_are_listed_with_their_reason(prepared):
     skipped = data.read_prepared(out)["splits"]["train"]["skipped"]
     assert sorted((os.path.basename(s["file"]), s["reason"]) for s in skipped) == [
         ("empty.jpg", "not a whole JPEG or PNG file"),
+        ("garbled.jpg", "could not be decoded"),
         ("truncated.jpg", "not a whole JPEG or PNG file")]
 
 
