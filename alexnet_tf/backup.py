@@ -35,6 +35,13 @@ def _replace_atomically(path, text):
         os.close(directory)
 
 
+def _first_sentence(error, limit=80):
+    """The start of an error's message, on one line and without the tensor values that Keras'
+    loading errors quote."""
+    text = " ".join(str(error).split()).split(". ")[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class Backup(keras.callbacks.Callback):
     """Backs up the resume state at every epoch end, and every `save_freq` steps when given.
 
@@ -138,7 +145,7 @@ class Backup(keras.callbacks.Callback):
                 newest = json.load(f)
         except (OSError, ValueError) as e:
             raise BackupError(f"cannot resume: {path} is unreadable ({e})") from None
-        errors = []
+        failed, cause = [], None
         for state in (newest, newest.get("previous")):
             if not state:
                 continue
@@ -146,8 +153,10 @@ class Backup(keras.callbacks.Callback):
             try:
                 self.model.load_weights(weights)
             except (OSError, ValueError, KeyError) as e:  # h5py: OSError; Keras: the others
-                errors.append(f"{weights} is unreadable ({' '.join(str(e).split())})")
-                logging.warning("%s; trying the previous backup", errors[-1])
+                failed.append(state["weights"])
+                cause = cause or _first_sentence(e)
+                logging.warning("%s does not load (%s); trying the previous backup", weights,
+                                _first_sentence(e))
                 continue
             if state is not newest:
                 logging.warning("Resuming from the previous backup (epoch %d)", state["epoch"] + 1)
@@ -158,7 +167,9 @@ class Backup(keras.callbacks.Callback):
             self._state = dict(state, previous=None)
             self._drop_history_from(state["epoch"])
             return state["epoch"]
-        raise BackupError(f"cannot resume: {'; '.join(errors)}")
+        also = f", and so is {failed[1]}" if len(failed) > 1 else ""
+        raise BackupError(f"cannot resume from {self.directory}: {failed[0]} is unreadable "
+                          f"({cause}){also}")
 
     def _drop_history_from(self, epoch):
         """Removes the history rows of epochs >= `epoch` (written before a crash that came

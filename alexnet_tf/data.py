@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from alexnet_tf import preprocessing
+from alexnet_tf import guard, preprocessing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IDX_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
@@ -81,6 +81,8 @@ class DatasetInfo:
         prepared: a prepared source's description (prepare.py's dataset.json), else None.
         skips_on_workers: the pipeline runs on tf.data service workers, whose `skipped` never
             reaches this process: each worker logs the images it skips instead (`_count_skipped`).
+        not_files: folder entries named as images that are no readable file (a broken link, a
+            directory): left out of the records, and counted in `skipped` once.
     """
 
     source: str
@@ -93,6 +95,7 @@ class DatasetInfo:
     jpeg_only: bool = False
     prepared: dict | None = None
     skips_on_workers: bool = False
+    not_files: tuple = ()
 
     @property
     def num_classes(self):
@@ -216,31 +219,44 @@ def _list_class_folders(root):
     if not classes:
         raise DataError(f"{root}: no class sub-directories (expected one folder per class)")
     stamps = tuple(os.stat(os.path.join(root, name)).st_mtime_ns for name in classes)
-    files, labels = _class_folder_files(root, tuple(classes), stamps)
-    return classes, list(files), list(labels)
+    files, labels, not_files = _class_folder_files(root, tuple(classes), stamps)
+    return classes, list(files), list(labels), not_files
 
 
 @functools.lru_cache(maxsize=16)
 def _class_folder_files(root, classes, stamps):
+    """(files, labels, entries named as images that are no regular file). Names are kept as the
+    filesystem gives them: one that is not UTF-8 is a str with surrogate escapes (os.fsencode
+    gives its bytes back)."""
     del stamps  # part of the cache key only
-    files, labels = [], []
+    files, labels, not_files = [], [], []
     for label, name in enumerate(classes):
         folder = os.path.join(root, name)
-        images = sorted(
-            os.path.join(folder, f) for f in os.listdir(folder)
-            if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
-        if not images:
+        with os.scandir(folder) as entries:
+            named = sorted((e for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)),
+                           key=lambda e: e.name)
+        if not named:
             raise DataError(f"{folder}: class folder has no .jpg/.jpeg/.png files")
+        # is_file() follows links: a broken link or a directory named .jpg is no image.
+        images = [e.path for e in named if e.is_file()]
+        not_files += [e.path for e in named if not e.is_file()]
         files += images
         labels += [label] * len(images)
-    return tuple(files), tuple(labels)
+    return tuple(files), tuple(labels), tuple(not_files)
 
 
 def _in_validation_split(path):
-    # Stable across runs and machines: a hash of the file name, not of the listing order.
-    digest = hashlib.md5(os.path.basename(path).encode()).digest()
+    # Stable across runs and machines: a hash of the file name's bytes (as the filesystem holds
+    # them, UTF-8 or not), not of the listing order.
+    digest = hashlib.md5(os.fsencode(os.path.basename(path))).digest()
     return digest[0] < 256 * FOLDER_VAL_FRACTION
+
+
+def printable(path):
+    """A file name fit for a message: bytes that are not UTF-8 shown as \\x escapes."""
+    if isinstance(path, bytes):
+        return path.decode("utf-8", "backslashreplace")
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _folder_source(root, split, training=False, seed=None, **unused):
@@ -252,18 +268,24 @@ def _folder_source(root, split, training=False, seed=None, **unused):
         split_root = os.path.join(root, sub)
         if sub == "val" and not os.path.isdir(split_root):
             split_root = os.path.join(root, "validation")
-        classes, files, labels = _list_class_folders(split_root)
+        classes, files, labels, not_files = _list_class_folders(split_root)
     else:
-        classes, files, labels = _list_class_folders(root)
+        classes, files, labels, not_files = _list_class_folders(root)
         keep = [_in_validation_split(f) == (split == "validation") for f in files]
         files = [f for f, k in zip(files, keep) if k]
         labels = [y for y, k in zip(labels, keep) if k]
-        if not files:
+        not_files = tuple(f for f in not_files if
+                          _in_validation_split(f) == (split == "validation"))
+        if not files and not not_files:
             raise DataError(f"{root}: no images fall in the {split} split")
-    files_ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(labels, np.int32)))
+    for path in not_files:
+        logging.warning("Skipping %s: %s", printable(path), guard.REASONS[guard.NOT_A_FILE])
+    # The names' own bytes: TensorFlow would encode a str as UTF-8, which a name need not be.
+    files_ds = tf.data.Dataset.from_tensor_slices(
+        (tf.constant([os.fsencode(f) for f in files], tf.string), np.asarray(labels, np.int32)))
     jpeg_only = all(f.lower().endswith((".jpg", ".jpeg")) for f in files)
     info = DatasetInfo(f"folder:{root}", SourceKind.FOLDER, classes, 3, None, len(files),
-                       jpeg_only=jpeg_only)
+                       jpeg_only=jpeg_only, not_files=not_files)
     return files_ds, info
 
 
@@ -385,6 +407,60 @@ def load_source(source, split, data_dir=None, training=False, seed=None, input_c
     return ds, info
 
 
+def check_split(source, split, needed, what, max_pixels, **source_args):
+    """DataError unless `split` holds at least `needed` images that pass the guard and decode,
+    read in order until that many are found: a run that would stop for want of images stops before it
+    starts, saying why. `what` names what needs them ("one training batch (--batch_size=4)");
+    `source_args` are load_source's."""
+    ds, info = load_source(source, split, deterministic=True, **source_args)
+    skips = guard.Skips({guard.NOT_A_FILE: len(info.not_files)})
+    found = readable = 0
+    if ds.element_spec[0].dtype != tf.string:  # decoded arrays (IDX): every record is an image
+        found = readable = int(ds.take(needed).reduce(0, lambda n, _: n + 1))
+    else:
+        # Decoded, not only checked: a split of files damaged inside would pass every check of
+        # the bytes, and a repeating pipeline would then wait for ever for its first image.
+        statuses = guard.decoded_or_skipped(
+            ds, image_of=lambda image, label, origin: image,
+            decode=lambda image, label, origin: (tf.size(preprocessing.decode(image, 3)),),
+            stand_in=lambda *_: (0,), max_pixels=max_pixels, jpeg_only=info.jpeg_only,
+            parallel=os.cpu_count())
+        for code, _ in statuses.as_numpy_iterator():
+            found += 1
+            readable += code == guard.OK
+            skips[int(code)] += code != guard.OK
+            if readable >= needed:
+                break
+    if readable < needed:
+        raise DataError(
+            f"{printable(info.source)}: the {split} split has {readable} readable image(s) of "
+            f"{found + len(info.not_files)} file(s), fewer than the {needed} that {what} needs; "
+            f"skipped: {skips.describe()}")
+
+
+def decoded_sample(source, count, max_pixels, **source_args):
+    """Up to `count` training images through the guard, decoded to RGB float32 in [0, 255], in
+    the order load_source reads them: (images, guard.Skips of those left out)."""
+    ds, info = load_source(source, "train", deterministic=True, **source_args)
+    skips = guard.Skips({guard.NOT_A_FILE: len(info.not_files)})
+    if ds.element_spec[0].dtype != tf.string:
+        return [image for image, _, _ in ds.take(count)], skips
+    records = guard.decoded_or_skipped(
+        ds, image_of=lambda image, label, origin: image,
+        decode=lambda image, label, origin: (preprocessing.decode(image, 3),),
+        stand_in=lambda *_: (tf.zeros([0, 0, 3]),), max_pixels=max_pixels,
+        parallel=os.cpu_count())
+    images = []
+    for code, image in records.as_numpy_iterator():
+        if code != guard.OK:
+            skips[int(code)] += 1
+        else:
+            images.append(image)
+            if len(images) == count:
+                break
+    return images, skips
+
+
 def _check_label(image, label, origin, num_classes):
     # Works on one record or a batch; a batch names its first bad record.
     ok = tf.logical_and(label >= 0, label < num_classes)
@@ -499,7 +575,8 @@ def make_dataset(
     if preprocess.channels == 1 and training:
         logging.info("One-channel images: PCA lighting is off (it is defined on RGB)")
 
-    info.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_images")
+    info.skipped = tf.Variable(len(info.not_files), dtype=tf.int64, trainable=False,
+                               name="skipped_images")
     info.skips_on_workers = bool(data_service)
     encoded = batched_crops or ds.element_spec[0].dtype == tf.string
     if encoded and not batched_crops:
@@ -655,15 +732,7 @@ def _readable(info, preprocess):
     in info.skipped."""
 
     def readable(image, label, origin):
-        complete = preprocessing.looks_complete(image)
-        # The header of bytes cut short may itself be cut, and unparsable: it is not read.
-        readable_header = tf.where(complete, image, preprocessing.ONE_PIXEL_JPEG)
-        ok = tf.logical_and(complete, preprocessing.header_pixels(readable_header)
-                            <= preprocess.max_pixels)
-        if info.jpeg_only:
-            # The crops decode JPEG with no format branch (a tf.cond per image is one more
-            # sequential step per image in tf.data); a PNG named .jpg is skipped.
-            ok = tf.logical_and(ok, tf.io.is_jpeg(image))
+        ok = tf.equal(guard.status(image, preprocess.max_pixels, info.jpeg_only), guard.OK)
         with tf.control_dependencies([_count_skipped(info, tf.cast(~ok, tf.int64), origin)]):
             return tf.identity(ok)
 

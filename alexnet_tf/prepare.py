@@ -33,7 +33,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import data, preprocessing
+from alexnet_tf import data, guard, preprocessing
 
 RESOLUTION = 256  # paper §2
 # JPEG quality of the prepared images. benchmarks/prepare_quality.py (BENCHMARKS.md, "Input
@@ -45,14 +45,6 @@ RECORDS_PER_SHARD = 1024  # about 25-30 MB of 256 x 256 JPEGs; ImageNet's train 
 SPLITS = ("train", "validation")
 ORDER_SEED = 20120  # the fixed order of the training records (any constant)
 PROGRESS = ".progress"
-
-# Why a record was skipped: the status `_convert` returns, or UNDECODABLE when it raised.
-OK, INCOMPLETE, OVERSIZED, UNDECODABLE = 0, 1, 2, 3
-REASONS = {
-    INCOMPLETE: "not a whole JPEG or PNG file",
-    OVERSIZED: "its header declares more pixels than max_pixels",
-    UNDECODABLE: "could not be decoded",
-}
 
 
 class PrepareError(ValueError):
@@ -99,24 +91,18 @@ def _rescaled(image, keep_frame):
     return preprocessing.to_uint8(image)
 
 
-def _convert(encoded, quality, keep_frame, max_pixels):
-    """(status, JPEG bytes, height, width, pixel sum [3], pixel products [3, 3]) of one record;
-    pixels in [0, 1], float64."""
-    pixels = preprocessing.header_pixels(encoded)
-    status = tf.where(~preprocessing.looks_complete(encoded), INCOMPLETE,
-                      tf.where(pixels > max_pixels, OVERSIZED, OK))
+def _convert(encoded, quality, keep_frame):
+    """(JPEG bytes, height, width, pixel sum [3], pixel products [3, 3]) of one image that
+    passed the guard; pixels in [0, 1], float64."""
+    image = _rescaled(tf.io.decode_image(encoded, channels=3, expand_animations=False),
+                      keep_frame)
+    flat = tf.reshape(tf.cast(image, tf.float64) / 255.0, [-1, 3])
+    return (tf.io.encode_jpeg(image, quality=quality), tf.shape(image)[0],
+            tf.shape(image)[1], tf.reduce_sum(flat, 0), tf.matmul(flat, flat, transpose_a=True))
 
-    def convert():
-        image = _rescaled(tf.io.decode_image(encoded, channels=3, expand_animations=False),
-                          keep_frame)
-        flat = tf.reshape(tf.cast(image, tf.float64) / 255.0, [-1, 3])
-        return (tf.io.encode_jpeg(image, quality=quality), tf.shape(image)[0],
-                tf.shape(image)[1], tf.reduce_sum(flat, 0), tf.matmul(flat, flat, transpose_a=True))
 
-    def skip():
-        return (tf.constant(b""), 0, 0, tf.zeros([3], tf.float64), tf.zeros([3, 3], tf.float64))
-
-    return (status, *tf.cond(tf.equal(status, OK), convert, skip))
+# What stands in for a skipped image's _convert: nothing written, nothing counted.
+_NOT_CONVERTED = (b"", 0, 0, tf.zeros([3], tf.float64), tf.zeros([3, 3], tf.float64))
 
 
 def _example(jpeg, height, width, label, class_name, filename):
@@ -132,7 +118,7 @@ def _example(jpeg, height, width, label, class_name, filename):
         "image/width": feature(width),
         "image/class/label": feature(label),
         "image/class/text": feature(class_name.encode()),
-        "image/filename": feature(filename.encode()),
+        "image/filename": feature(os.fsencode(filename)),
     })).SerializeToString()
 
 
@@ -215,9 +201,10 @@ def _prepare_split(source, split, output_dir, quality, keep_frame, records_per_s
         _write_json(_settings_path(output_dir), settings)
         _write_shards(ds, info, source, names, finished, todo[0] * records_per_shard, total,
                       records_per_shard, class_names, output_dir,
-                      lambda encoded: _convert(encoded, quality, keep_frame, max_pixels),
+                      lambda encoded: _convert(encoded, quality, keep_frame), max_pixels,
                       _Progress(split, total, todo[0] * records_per_shard, out))
-    split_totals = _Totals()
+    split_totals = _Totals(skipped=[{"file": path, "reason": guard.REASONS[guard.NOT_A_FILE]}
+                                    for path in info.not_files])
     for name in names:
         split_totals.add(finished[name])
     return names, class_names, split_totals
@@ -260,36 +247,33 @@ class _ShardWriter:
 
 
 def _write_shards(ds, info, source, names, finished, first, total, records_per_shard,
-                  class_names, output_dir, convert, progress):
-    """Converts the records of `ds` from index `first` on, in parallel on every core, and writes
-    them to the unfinished shards."""
+                  class_names, output_dir, convert, max_pixels, progress):
+    """Converts the records of `ds` from index `first` on, in parallel on every core, through
+    the guard (a record it skips arrives with its reason), and writes them to the unfinished
+    shards."""
     cores = os.cpu_count()
 
-    def converted_or_failed(index, record):
-        # One record: its conversion or, when that raises (a decoding error), a stand-in with
-        # status UNDECODABLE, so that every record arrives, in order, with its origin.
-        image, label, origin = record
-        head = (index, label, origin, tf.strings.length(image))
-        done = tf.data.Dataset.from_tensors(image).map(lambda x: (*head, *convert(x)))
-        failed = tf.data.Dataset.from_tensors((*head, UNDECODABLE, b"", 0, 0,
-                                               tf.zeros([3], tf.float64),
-                                               tf.zeros([3, 3], tf.float64)))
-        return done.ignore_errors().concatenate(failed).take(1)
+    def head(index, image, label, origin):
+        return index, label, origin, tf.strings.length(image)
 
-    converted = ds.skip(first).enumerate(first).interleave(
-        converted_or_failed, cycle_length=cores, num_parallel_calls=cores, deterministic=True)
+    converted = guard.decoded_or_skipped(
+        ds.skip(first).enumerate(first).map(lambda index, record: (index, *record)),
+        image_of=lambda index, image, label, origin: image,
+        decode=lambda *x: (*head(*x), *convert(x[1])),
+        stand_in=lambda *x: (*head(*x), *_NOT_CONVERTED),
+        max_pixels=max_pixels, parallel=cores)
     shards = _ShardWriter(names, finished, records_per_shard, output_dir)
-    for index, label, origin, size, status, jpeg, height, width, psum, pprod in (
+    for status, index, label, origin, size, jpeg, height, width, psum, pprod in (
             converted.prefetch(2 * cores).as_numpy_iterator()):
-        index, origin = int(index), origin.decode()
+        index, origin = int(index), os.fsdecode(origin)
         progress.update(index + 1, int(size))
         if not shards.enter(index):
             continue  # a shard a previous run finished
         totals = shards.totals
         totals.bytes_in += int(size)
-        if status != OK:
+        if status != guard.OK:
             name = origin if info.kind is data.SourceKind.FOLDER else f"{origin} record {index}"
-            totals.skipped.append({"file": name, "reason": REASONS[int(status)]})
+            totals.skipped.append({"file": name, "reason": guard.REASONS[int(status)]})
             continue
         filename = (os.path.relpath(origin, source.partition(":")[2])
                     if info.kind is data.SourceKind.FOLDER else f"{origin}:{index}")

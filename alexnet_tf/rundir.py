@@ -50,11 +50,13 @@ class RunDir:
         return RunDir(self._file(f"worker_tmp_{task_id}"))
 
     def create(self, start_over=False):
-        """Makes the directories; `start_over` discards the backup and the history first."""
+        """Makes the directories; `start_over` discards the backup, the history and the
+        preprocessing (settled again from the new run's settings) first."""
         if start_over:
             shutil.rmtree(self.backup, ignore_errors=True)
-            if os.path.exists(self.history):
-                os.remove(self.history)
+            for path in (self.history, self.preprocessing):
+                if os.path.exists(path):
+                    os.remove(path)
         os.makedirs(self.checkpoints, exist_ok=True)
 
     def existing(self, path):

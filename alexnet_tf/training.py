@@ -34,6 +34,9 @@ class TrainingError(RuntimeError):
     """A training run that cannot go on (bad settings, NaN loss); one-line message."""
 
 
+PCA_SAMPLE = 1000  # training images whose pixels give --pca=dataset's eigen-pairs
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every setting of a run. Defaults are the paper's ImageNet recipe (§5) where it has one."""
@@ -112,8 +115,8 @@ class TrainConfig:
     checkpoint_every_steps: int | None = _setting(
         None, "Also back up every N steps (default: every epoch).")
     start_over: bool = _setting(
-        False, "Discard the workdir's backup and history and train from the first epoch "
-        "(default: resume from them).")
+        False, "Discard the workdir's backup, history and preprocessing and train from the first "
+        "epoch (default: resume from them).")
     init_from: str | None = _setting(
         None, "Start from these weights: bvlc_alexnet.npy (Caffe), a torchvision .pth, or a "
         ".keras checkpoint; fc8 is new when the class count differs.")
@@ -157,6 +160,12 @@ class TrainConfig:
     def to_json(self, path):
         with open(path, "w") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
+
+
+# What a resumed run must share with the run it resumes: these settings shape the model, its
+# optimizer's state (saved with the weights) or the data, whose preprocessing the run keeps.
+RESUME_SETTINGS = ("dataset", "variant", "num_classes", "image_size", "lrn", "crop", "pad", "pca",
+                   "max_pixels", "one_based_labels", "optimizer", "trainable", "mixed_precision")
 
 
 def native_mixed_precision(cpuinfo="/proc/cpuinfo"):
@@ -449,6 +458,48 @@ class Inputs:
             device_stage=True, data_service=config.data_service if training and service else None)
 
 
+def _source_args(config):
+    """load_source's arguments that come from the run's flags."""
+    return dict(data_dir=config.data_dir, num_classes=config.num_classes,
+                one_based_labels=config.one_based_labels)
+
+
+def check_splits(config):
+    """TrainingError (data.DataError) before anything is trained when a split cannot give what
+    the run asks of it: one global batch of readable training images, and the validation
+    images of --eval_steps batches (at least one)."""
+    data.check_split(config.dataset, "train", config.batch_size,
+                     f"one training batch (--batch_size={config.batch_size})",
+                     config.max_pixels, **_source_args(config))
+    if config.eval_steps:
+        needed = (config.eval_steps - 1) * config.batch_size + 1
+        what = f"--eval_steps={config.eval_steps} at --batch_size={config.batch_size}"
+    else:
+        needed, what = 1, "validation"
+    data.check_split(config.dataset, "validation", needed, what, config.max_pixels,
+                     **_source_args(config))
+
+
+def check_resumable(config, run):
+    """TrainingError, before anything is read or loaded, when the workdir holds a run whose
+    settings of the model or the data (RESUME_SETTINGS) differ from `config`'s: resuming would
+    load weights of another shape or train on other data."""
+    if config.start_over or not os.path.exists(run.config):
+        return
+    try:
+        with open(run.config) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"cannot resume: {run.config} is unreadable ({e})") from None
+    differ = [f"--{name}={getattr(config, name)} (the run has {saved[name]})"
+              for name in RESUME_SETTINGS if name in saved and saved[name] != getattr(config, name)]
+    if differ:
+        raise TrainingError(
+            f"cannot resume {run.path} with other settings: {', '.join(differ)}; give another "
+            "--workdir for a new run, or --start_over to discard this one's backup and history "
+            "and train it from the first epoch")
+
+
 def _preprocess_config(config, info, run):
     """The run's PreprocessConfig, from everything that decides it: the images, the variant, the
     weights it starts from and the flags. A resumed run keeps the one it started with."""
@@ -475,12 +526,10 @@ def _preprocess_config(config, info, run):
         changes["eigval"] = tuple(pca["eigval"])
         changes["eigvec"] = tuple(tuple(row) for row in pca["eigvec"])
     elif config.pca == "dataset" and pre.channels == 3:
-        logging.info("Computing PCA lighting eigen-pairs from 1000 training images")
-        sample, _ = data.load_source(config.dataset, "train", config.data_dir,
-                                     num_classes=config.num_classes,
-                                     one_based_labels=config.one_based_labels)
-        images = (preprocessing.decode(x, 3) if x.dtype == tf.string else x
-                  for x, _, _ in sample.take(1000))
+        images, skips = data.decoded_sample(config.dataset, PCA_SAMPLE, config.max_pixels,
+                                            **_source_args(config))
+        logging.info("PCA lighting eigen-pairs from %d training images (skipped: %s)",
+                     len(images), skips.describe())
         changes["eigval"], changes["eigvec"] = preprocessing.compute_pca(images)
     return dataclasses.replace(pre, **changes)
 
@@ -610,8 +659,8 @@ def fit(model, config, strategy, inputs, datasets, steps_per_epoch, callbacks, c
         try:
             initial_epoch = backup.restore(model)
         except backup_lib.BackupError as e:
-            raise TrainingError(f"{e}; pass --start_over to train from the first epoch "
-                                "(this discards the backup)") from None
+            raise TrainingError(f"{e}; --start_over discards the backup and trains from the "
+                                "first epoch") from None
         if initial_epoch and chief:
             logging.info("Resuming from the backup in %s at epoch %d", backup.directory,
                          initial_epoch + 1)
@@ -659,10 +708,12 @@ def train_and_evaluate(config, workdir):
         train_seconds).
     """
     config.validate()
+    check_resumable(config, RunDir(workdir))
     strategy = set_up_process(config)
     chief = _is_chief(strategy)
     run = RunDir(workdir) if chief else RunDir(workdir).worker(strategy.cluster_resolver.task_id)
     run.create(start_over=config.start_over)
+    check_splits(config)
     inputs = prepare_inputs(config, run)
     train_ds, train_info = inputs.dataset("train", True)
     val_ds, _ = inputs.dataset("validation", False)

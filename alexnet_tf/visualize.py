@@ -171,10 +171,15 @@ def draw(command, workdir, output=None, checkpoint="best", count=32):
 
     with open(_existing(run, run.config)) as f:
         config = json.load(f)
+    source_args = dict(data_dir=config.get("data_dir"), num_classes=config.get("num_classes"),
+                       one_based_labels=config.get("one_based_labels", False))
+    # Repeated, so that a split of fewer than `count` images still fills the grid, once it is
+    # known to hold one.
+    data.check_split(config["dataset"], "train", 1, "an augmentations grid", pre.max_pixels,
+                     **source_args)
     dataset, _ = data.make_dataset(
-        config["dataset"], "train", True, count, pre, data_dir=config.get("data_dir"),
-        seed=config.get("seed") or 0, shuffle_buffer=1000, repeat=False,
-        one_based_labels=config.get("one_based_labels", False))
+        config["dataset"], "train", True, count, pre, seed=config.get("seed") or 0,
+        shuffle_buffer=1000, repeat=True, **source_args)
     images, _ = next(iter(dataset))
     return write_png(augmentation_grid(images.numpy(), pre), output)
 

@@ -241,8 +241,8 @@ def test_a_folder_is_listed_once_until_a_class_folder_changes(tmp_path, monkeypa
     write_folder_tree(tmp_path / "train", classes=("a", "b"), per_class=2)
     write_folder_tree(tmp_path / "val", classes=("a", "b"), per_class=1)
     listed = []
-    real_listdir = os.listdir
-    monkeypatch.setattr(os, "listdir", lambda path: listed.append(str(path)) or real_listdir(path))
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: listed.append(str(path)) or real_scandir(path))
     for _ in range(3):
         _, info = data.load_source(f"folder:{tmp_path}", "train")
         assert info.num_examples == 4
