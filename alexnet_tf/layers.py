@@ -16,6 +16,8 @@ import threading
 import keras
 import tensorflow as tf
 
+from alexnet_tf import devices
+
 IMPLEMENTATIONS = ("split", "native")
 DENSE_IMPLEMENTATIONS = ("auto", "eigen", "tf")
 
@@ -99,7 +101,7 @@ class Dense(keras.layers.Dense):
         super().build(input_shape)
         implementation = self.implementation
         if implementation == "auto":
-            implementation = "tf" if tf.config.list_physical_devices("GPU") else "eigen"
+            implementation = devices.dense_implementation(devices.DeviceFacts.of_this_machine())
         self._eigen = implementation == "eigen" and hasattr(tf.raw_ops, "SparseMatMul")
 
     def call(self, inputs, training=None):

@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from alexnet_tf import devices
 from alexnet_tf.layers import using_standard_ops
 
 # (depth_radius, bias, alpha, beta) for tf.nn.local_response_normalization, which computes
@@ -139,7 +140,7 @@ class LocalResponseNormalization(keras.layers.Layer):
     def build(self, input_shape):
         implementation = self.implementation
         if implementation == "auto":
-            implementation = "tf" if tf.config.list_physical_devices("GPU") else "fused"
+            implementation = devices.lrn_implementation(devices.DeviceFacts.of_this_machine())
         self._fused = self._fused_forward = None
         if implementation == "fused":
             params = self.depth_radius, self.bias, self.alpha, self.beta

@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from alexnet_tf import model as model_lib, preprocessing
+from alexnet_tf import devices, model as model_lib, preprocessing
 from alexnet_tf.layers import standard_ops
 from alexnet_tf.rundir import RunDir, RunDirError
 
@@ -113,10 +113,9 @@ def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
     names = [str(name) for name in class_names]
 
     def serve_bytes(image_bytes):
-        # Decode on the CPU: TF has no GPU kernel for PNG, and JPEG on GPU gains nothing here.
         # Each image's header is checked first: a request of other bytes, or of an image over
         # config.max_pixels, fails with INVALID_ARGUMENT before any memory goes to decoding.
-        with tf.device("/cpu:0"):
+        with tf.device(devices.decode_device(devices.DeviceFacts.of_this_machine())):
             images = tf.map_fn(
                 lambda b: view(preprocessing.decode(
                     preprocessing.checked(b, config.max_pixels), config.channels), config),

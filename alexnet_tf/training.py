@@ -19,7 +19,8 @@ import tensorflow as tf
 from absl import logging
 
 from alexnet_tf import backup as backup_lib
-from alexnet_tf import data, keras_compat, layers, model as model_lib, preprocessing, weights
+from alexnet_tf import data, devices, keras_compat, layers, model as model_lib, preprocessing
+from alexnet_tf import weights
 from alexnet_tf.lrn import LRN_PRESETS
 from alexnet_tf.rundir import RunDir
 
@@ -175,17 +176,7 @@ def native_mixed_precision(cpuinfo="/proc/cpuinfo"):
     cores). CPUs: bfloat16 where oneDNN has bf16 instructions (AMX or AVX512_BF16, e.g. Intel
     Sapphire Rapids, AMD Zen 4); elsewhere bf16 is emulated and slower than float32, so "none".
     """
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        capability = tf.config.experimental.get_device_details(gpus[0]).get(
-            "compute_capability", (0, 0))
-        return "bfloat16" if capability >= (8, 0) else "float16" if capability >= (7, 0) else "none"
-    try:
-        with open(cpuinfo) as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return "none"
-    return "bfloat16" if flags & {"amx_bf16", "avx512_bf16"} else "none"
+    return devices.mixed_precision(devices.DeviceFacts.of_this_machine(cpuinfo))
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,9 +209,9 @@ def make_strategy(config):
     if config.strategy == "mirrored":
         return tf.distribute.MirroredStrategy([d.name for d in gpus] if gpus else cpus)
     # auto: every visible GPU; on a CPU-only machine the logical CPUs asked for.
-    devices = [d.name for d in gpus] or cpus
-    if len(devices) > 1:
-        return tf.distribute.MirroredStrategy(devices)
+    replicas = devices.replica_devices(devices.DeviceFacts.of_this_machine(), cpus)
+    if len(replicas) > 1:
+        return tf.distribute.MirroredStrategy(replicas)
     # One device: TensorFlow's default strategy, which places ops on the GPU when there is one.
     # Mirrored/OneDevice strategies feed even one device through per-device tf.data iterators
     # with autotuning always on, and in TensorFlow 2.21 destroying those (Keras does it before

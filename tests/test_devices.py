@@ -1,0 +1,62 @@
+"""The choices made from the machine's facts (alexnet_tf.devices), for GPUs this machine lacks."""
+
+import keras
+import pytest
+
+from alexnet_tf import devices, layers, lrn, training
+from alexnet_tf.devices import DeviceFacts
+
+V100, A100, H100 = (7, 0), (8, 0), (9, 0)
+CPUS = ["/device:CPU:0", "/device:CPU:1"]
+MACHINES = {
+    "V100": DeviceFacts(gpus=(V100,)),
+    "A100": DeviceFacts(gpus=(A100,)),
+    "H100": DeviceFacts(gpus=(H100,)),
+    "8xH100": DeviceFacts(gpus=(H100,) * 8),
+    "V100+A100": DeviceFacts(gpus=(V100, A100)),
+    "Kepler": DeviceFacts(gpus=((3, 7),)),
+    "CPU with AMX": DeviceFacts(cpu_flags=frozenset({"avx512f", "amx_bf16", "amx_tile"})),
+    "CPU with AVX2": DeviceFacts(cpu_flags=frozenset({"avx2", "fma"})),
+}
+
+
+@pytest.mark.parametrize("machine, precision, lrn_kernel, dense_kernel, replicas", [
+    ("V100", "float16", "tf", "tf", ["/gpu:0"]),
+    ("A100", "bfloat16", "tf", "tf", ["/gpu:0"]),
+    ("H100", "bfloat16", "tf", "tf", ["/gpu:0"]),
+    ("8xH100", "bfloat16", "tf", "tf", [f"/gpu:{i}" for i in range(8)]),
+    # Every replica runs one policy: the least capable GPU decides.
+    ("V100+A100", "float16", "tf", "tf", ["/gpu:0", "/gpu:1"]),
+    ("Kepler", "none", "tf", "tf", ["/gpu:0"]),
+    ("CPU with AMX", "bfloat16", "fused", "eigen", CPUS),
+    ("CPU with AVX2", "none", "fused", "eigen", CPUS),
+])
+def test_each_choice_follows_the_machine(machine, precision, lrn_kernel, dense_kernel, replicas):
+    facts = MACHINES[machine]
+    assert devices.mixed_precision(facts) == precision
+    assert devices.lrn_implementation(facts) == lrn_kernel
+    assert devices.dense_implementation(facts) == dense_kernel
+    assert devices.replica_devices(facts, CPUS) == replicas
+    assert devices.decode_device(facts) == "/cpu:0"
+
+
+def test_this_machines_facts_are_read_from_its_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512_bf16\n")
+    facts = DeviceFacts.of_this_machine(str(cpuinfo))
+    assert "avx512_bf16" in facts.cpu_flags and "fpu" in facts.cpu_flags
+    assert DeviceFacts.of_this_machine(str(tmp_path / "missing")).cpu_flags == frozenset()
+
+
+@pytest.mark.parametrize("machine", ["H100", "CPU with AVX2"])
+def test_the_layers_and_the_policy_take_their_choice_from_the_facts(machine, monkeypatch):
+    facts = MACHINES[machine]
+    monkeypatch.setattr(DeviceFacts, "of_this_machine", classmethod(lambda cls, *a: facts))
+    norm = lrn.LocalResponseNormalization.from_preset("paper")
+    norm.build((None, 8, 8, 96))
+    assert (norm._fused is not None) == (devices.lrn_implementation(facts) == "fused")
+    dense = layers.Dense(4)
+    dense.build((None, 8))
+    assert dense._eigen == (devices.dense_implementation(facts) == "eigen")
+    assert training.native_mixed_precision() == devices.mixed_precision(facts)
+    keras.config.set_dtype_policy("float32")
