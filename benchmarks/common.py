@@ -149,15 +149,29 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "reti
           "immunohistochemistry")
 
 
+def source_photos():
+    """scikit-image's photographs (PHOTOS) as uint8 RGB arrays or, where scikit-image is not
+    installed, matplotlib's one sample photograph (Grace Hopper, 600 x 512)."""
+    try:
+        import skimage.data
+    except ImportError:
+        import matplotlib.cbook
+        import numpy as np
+        from PIL import Image
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            return [np.asarray(Image.open(f).convert("RGB"))]
+    return [getattr(skimage.data, name)()[..., :3] for name in PHOTOS]
+
+
 def make_jpegs(root, count):
     """Writes `count` ImageNet-like JPEGs (~500x375, quality 92, ~100 KB) cut from scikit-image's
     photographs to root/train/class<i % 10>/<i>.jpg; returns their mean size in bytes."""
     import numpy as np
-    import skimage.data
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    photos = [getattr(skimage.data, name)()[..., :3] for name in PHOTOS]
+    photos = source_photos()
     sizes = []
     for i in range(count):
         photo = photos[i % len(photos)]

@@ -80,6 +80,27 @@ def run_measured(args, env=None, timeout=300):
         return proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss / 1024
 
 
+LOADER_SOURCE = os.path.join(ROOT, "tests", "native", "load_saved_model.cc")
+
+
+def build_c_loader(binary):
+    """Builds tests/native/load_saved_model.cc (a SavedModel loaded as TF Serving loads it)
+    against this TensorFlow wheel's C API, at `binary`; returns its path. RuntimeError without
+    a C++ compiler (Debian's g++)."""
+    import shutil
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler: install Debian's g++ (.ci/run does)")
+    tf_dir = os.path.dirname(tf.__file__)
+    subprocess.run(
+        [compiler, "-std=c++17", "-O1", "-o", binary, LOADER_SOURCE,
+         f"-I{os.path.join(tf_dir, 'include')}", os.path.join(tf_dir, "libtensorflow_cc.so.2"),
+         os.path.join(tf_dir, "libtensorflow_framework.so.2"), f"-Wl,-rpath,{tf_dir}"],
+        check=True, capture_output=True, text=True)
+    return binary
+
+
 def write_folder_tree(root, classes=("cat", "dog"), per_class=3, size=(40, 50), fmt="jpeg"):
     paths = []
     for c, name in enumerate(classes):

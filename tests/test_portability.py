@@ -19,9 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import ROOT, encode, run_measured, smooth_image
-
-LOADER_SOURCE = os.path.join(ROOT, "tests", "native", "load_saved_model.cc")
+from tests.helpers import ROOT, build_c_loader, encode, run_measured, smooth_image
 SETTINGS = ("0", "1")  # TF_ENABLE_ONEDNN_OPTS
 
 pytestmark = pytest.mark.slow
@@ -30,17 +28,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="session")
 def loader(tmp_path_factory):
     """tests/native/load_saved_model.cc built against this TensorFlow wheel's C API."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.fail("no C++ compiler: install Debian's g++ (.ci/run does)")
-    tf_dir = os.path.dirname(tf.__file__)
-    binary = str(tmp_path_factory.mktemp("loader") / "load_saved_model")
-    subprocess.run(
-        [compiler, "-std=c++17", "-O1", "-o", binary, LOADER_SOURCE,
-         f"-I{os.path.join(tf_dir, 'include')}", os.path.join(tf_dir, "libtensorflow_cc.so.2"),
-         os.path.join(tf_dir, "libtensorflow_framework.so.2"), f"-Wl,-rpath,{tf_dir}"],
-        check=True, capture_output=True, text=True)
-    return binary
+    try:
+        return build_c_loader(str(tmp_path_factory.mktemp("loader") / "load_saved_model"))
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def environment(onednn):

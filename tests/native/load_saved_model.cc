@@ -10,10 +10,14 @@
 // marked _XlaMustCompile and op types TensorFlow does not register are what a server cannot
 // run. Exit codes: 0 ok, 1 usage or I/O error, 2 audit failed, 3 TensorFlow error (the status
 // code and message are printed on stderr, e.g. INVALID_ARGUMENT for bytes that are not an image).
+// With LOAD_SAVED_MODEL_REPEAT=N in the environment it then runs the signature N times more and
+// prints "timing: runs=N p50_ms=... p99_ms=..." on stderr (benchmarks/gpu.py reads it).
 //
 // The MetaGraphDef is read with a minimal protobuf wire-format reader rather than the generated
 // protobuf classes: the C API is the wheel's stable interface, its protobuf headers are not.
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -307,6 +311,24 @@ int main(int argc, char** argv) {
   TF_SessionRun(session, nullptr, &feed, &batch, 1, fetches.data(), values.data(),
                 static_cast<int>(fetches.size()), nullptr, 0, nullptr, status);
   if (TF_GetCode(status) != TF_OK) return Fail(status, "running the signature");
+
+  const char* repeat = std::getenv("LOAD_SAVED_MODEL_REPEAT");
+  if (repeat != nullptr && std::atoi(repeat) > 0) {
+    std::vector<double> ms;
+    for (int r = 0; r < std::atoi(repeat); ++r) {
+      std::vector<TF_Tensor*> again(fetches.size(), nullptr);
+      auto start = std::chrono::steady_clock::now();
+      TF_SessionRun(session, nullptr, &feed, &batch, 1, fetches.data(), again.data(),
+                    static_cast<int>(fetches.size()), nullptr, 0, nullptr, status);
+      ms.push_back(std::chrono::duration<double, std::milli>(
+          std::chrono::steady_clock::now() - start).count());
+      if (TF_GetCode(status) != TF_OK) return Fail(status, "running the signature again");
+      for (TF_Tensor* t : again) TF_DeleteTensor(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    std::fprintf(stderr, "timing: runs=%zu p50_ms=%.3f p99_ms=%.3f\n", ms.size(),
+                 ms[ms.size() / 2], ms[std::min(ms.size() - 1, ms.size() * 99 / 100)]);
+  }
 
   std::printf("{");
   for (size_t i = 0; i < names.size(); ++i) {
