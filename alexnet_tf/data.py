@@ -409,9 +409,9 @@ def load_source(source, split, data_dir=None, training=False, seed=None, input_c
 
 def check_split(source, split, needed, what, max_pixels, **source_args):
     """DataError unless `split` holds at least `needed` images that pass the guard and decode,
-    read in order until that many are found: a run that would stop for want of images stops before it
-    starts, saying why. `what` names what needs them ("one training batch (--batch_size=4)");
-    `source_args` are load_source's."""
+    read in order until that many are found: a run that would stop for want of images stops
+    before it starts, saying why. `what` names what needs them ("one training batch
+    (--batch_size=4)"); `source_args` are load_source's."""
     ds, info = load_source(source, split, deterministic=True, **source_args)
     skips = guard.Skips({guard.NOT_A_FILE: len(info.not_files)})
     found = readable = 0

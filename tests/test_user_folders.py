@@ -286,7 +286,8 @@ def test_every_broken_kind_of_file_through_every_command(tmp_path):
     assert_worked(result)
     with open(prepared / "dataset.json") as f:
         description = json.load(f)
-    skipped = {entry["file"]: entry["reason"] for entry in description["splits"]["train"]["skipped"]}
+    skipped = {entry["file"]: entry["reason"]
+               for entry in description["splits"]["train"]["skipped"]}
     assert skipped == {path: reason for path, reason in expected.items() if reason}
     assert description["splits"]["train"]["records"] == 12 + sum(
         reason is None for reason in expected.values())
