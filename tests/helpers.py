@@ -158,6 +158,26 @@ def tiny_config(tmp_path, **overrides):
     return training.TrainConfig(**fields)
 
 
+def settled_inputs(tmp_path, dataset, **overrides):
+    """training.prepare_inputs of a paper-variant run of `dataset` with --pca=dataset in
+    tmp_path/run: (its Inputs, its RunDir)."""
+    from alexnet_tf import training
+    from alexnet_tf.rundir import RunDir
+
+    config = tiny_config(tmp_path, dataset=dataset, variant="paper", pca="dataset", **overrides)
+    run = RunDir(str(tmp_path / "run"))
+    run.create()
+    return training.prepare_inputs(config, run), run
+
+
+def pixel_eigenvalues(jpeg_paths):
+    """The reference of --pca=dataset: eigenvalues, largest first, of the RGB covariance of
+    every pixel of these JPEG files scaled to [0, 1], computed in numpy."""
+    pixels = np.concatenate([tf.io.decode_jpeg(open(p, "rb").read()).numpy().reshape(-1, 3)
+                             for p in jpeg_paths]) / 255.0
+    return np.sort(np.linalg.eigvalsh(np.cov(pixels, rowvar=False)))[::-1]
+
+
 def run_train(args, cwd, env=None, **kwargs):
     env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],

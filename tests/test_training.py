@@ -18,9 +18,8 @@ import tensorflow as tf
 import pytest
 
 from alexnet_tf import preprocessing, training
-from alexnet_tf.rundir import RunDir
-from tests.helpers import (ROOT, assert_one_line_error, history, run_train, tiny_config, tiny_idx,
-                           write_folder_tree)
+from tests.helpers import (ROOT, assert_one_line_error, history, pixel_eigenvalues, run_train,
+                           settled_inputs, tiny_config, tiny_idx, write_folder_tree)
 
 
 def test_one_device_end_to_end(tmp_path):
@@ -337,15 +336,9 @@ def test_pca_from_the_dataset_is_settled_once_and_recorded(tmp_path):
     photos = tmp_path / "photos"
     paths = write_folder_tree(photos / "train", classes=("a", "b"), per_class=3, size=(40, 50))
     write_folder_tree(photos / "val", classes=("a", "b"), per_class=1, size=(40, 50))
-    config = tiny_config(tmp_path, dataset=f"folder:{photos}", variant="paper", pca="dataset")
-    run = RunDir(str(tmp_path / "run"))
-    run.create()
-    inputs = training.prepare_inputs(config, run)
+    inputs, run = settled_inputs(tmp_path, f"folder:{photos}")
     # Every pixel of the six images (fewer than compute_pca's sample), covariance in numpy.
-    pixels = np.concatenate([tf.io.decode_jpeg(open(p, "rb").read()).numpy().reshape(-1, 3)
-                             for p in paths]) / 255.0
-    expected = np.sort(np.linalg.eigvalsh(np.cov(pixels, rowvar=False)))[::-1]
-    np.testing.assert_allclose(inputs.preprocess.eigval, expected, rtol=1e-6)
+    np.testing.assert_allclose(inputs.preprocess.eigval, pixel_eigenvalues(paths), rtol=1e-6)
     assert inputs.preprocess.image_size == 227 and inputs.preprocess.crop == "paper"
     assert preprocessing.PreprocessConfig.from_json(run.preprocessing) == inputs.preprocess
     with pytest.raises(dataclasses.FrozenInstanceError):

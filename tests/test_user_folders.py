@@ -16,10 +16,9 @@ from PIL import Image
 
 from alexnet_tf import backup as backup_lib
 from alexnet_tf import data, training
-from alexnet_tf.rundir import RunDir
 from alexnet_tf.preprocessing import PreprocessConfig
-from tests.helpers import (ROOT, assert_one_line_error, encode, run_train, smooth_image,
-                           tiny_config)
+from tests.helpers import (ROOT, assert_one_line_error, encode, pixel_eigenvalues, run_train,
+                           settled_inputs, smooth_image, tiny_config)
 
 
 def in_validation(name):
@@ -128,15 +127,9 @@ def test_pca_from_the_dataset_skips_and_counts_a_jpeg_damaged_inside(tmp_path):
         for i, file in enumerate(names("train", 3, name.encode())):
             good.append(write(root / name, file, photo(10 * c + i)))
     write(root / "a", names("train", 4, b"a")[3], damaged_inside())
-    config = tiny_config(tmp_path, dataset=f"folder:{root}", variant="paper", pca="dataset")
-    run = RunDir(str(tmp_path / "run"))
-    run.create()
-    inputs = training.prepare_inputs(config, run)
+    inputs, _ = settled_inputs(tmp_path, f"folder:{root}")
     # Every pixel of the six readable images, covariance in numpy.
-    pixels = np.concatenate([tf.io.decode_jpeg(open(p, "rb").read()).numpy().reshape(-1, 3)
-                             for p in good]) / 255.0
-    expected = np.sort(np.linalg.eigvalsh(np.cov(pixels, rowvar=False)))[::-1]
-    np.testing.assert_allclose(inputs.preprocess.eigval, expected, rtol=1e-6)
+    np.testing.assert_allclose(inputs.preprocess.eigval, pixel_eigenvalues(good), rtol=1e-6)
     images, skips = data.decoded_sample(f"folder:{root}", 1000, 10**8)
     assert len(images) == 6 and skips.describe() == "1 could not be decoded"
 
