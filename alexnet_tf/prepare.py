@@ -101,8 +101,10 @@ def _convert(encoded, quality, keep_frame):
             tf.shape(image)[1], tf.reduce_sum(flat, 0), tf.matmul(flat, flat, transpose_a=True))
 
 
-# What stands in for a skipped image's _convert: nothing written, nothing counted.
-_NOT_CONVERTED = (b"", 0, 0, tf.zeros([3], tf.float64), tf.zeros([3, 3], tf.float64))
+def _not_converted():
+    """What stands in for a skipped image's _convert: nothing written, nothing counted. (A
+    function: tensors made at import would start TensorFlow before a run sets its devices.)"""
+    return b"", 0, 0, tf.zeros([3], tf.float64), tf.zeros([3, 3], tf.float64)
 
 
 def _example(jpeg, height, width, label, class_name, filename):
@@ -260,7 +262,7 @@ def _write_shards(ds, info, source, names, finished, first, total, records_per_s
         ds.skip(first).enumerate(first).map(lambda index, record: (index, *record)),
         image_of=lambda index, image, label, origin: image,
         decode=lambda *x: (*head(*x), *convert(x[1])),
-        stand_in=lambda *x: (*head(*x), *_NOT_CONVERTED),
+        stand_in=lambda *x: (*head(*x), *_not_converted()),
         max_pixels=max_pixels, parallel=cores)
     shards = _ShardWriter(names, finished, records_per_shard, output_dir)
     for status, index, label, origin, size, jpeg, height, width, psum, pprod in (
