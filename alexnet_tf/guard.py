@@ -10,7 +10,7 @@ import tensorflow as tf
 from alexnet_tf import preprocessing
 
 # Why a record is skipped. INCOMPLETE, OVERSIZED and NOT_JPEG are read from the bytes without
-# decoding them (`status`); UNDECODABLE is a decoding that raised (`decoded_or_failed`);
+# decoding them (`status`); UNDECODABLE is a decoding that raised (`decoded_or_skipped`);
 # NOT_A_FILE is a folder entry named as an image that is no readable file (a broken link, a
 # directory), left out of the listing.
 OK, INCOMPLETE, OVERSIZED, NOT_JPEG, UNDECODABLE, NOT_A_FILE = range(6)

@@ -456,8 +456,8 @@ def _source_args(config):
 
 
 def check_splits(config):
-    """TrainingError (data.DataError) before anything is trained when a split cannot give what
-    the run asks of it: one global batch of readable training images, and the validation
+    """data.DataError before anything is trained when a split cannot give what the run asks of
+    it: one global batch of readable training images, and the validation
     images of --eval_steps batches (at least one)."""
     data.check_split(config.dataset, "train", config.batch_size,
                      f"one training batch (--batch_size={config.batch_size})",
@@ -487,8 +487,8 @@ def check_resumable(config, run):
     if differ:
         raise TrainingError(
             f"cannot resume {run.path} with other settings: {', '.join(differ)}; give another "
-            "--workdir for a new run, or --start_over to discard this one's backup and history "
-            "and train it from the first epoch")
+            "--workdir for a new run, or --start_over to discard this one's backup, history and "
+            "preprocessing and train it from the first epoch")
 
 
 def _preprocess_config(config, info, run):
