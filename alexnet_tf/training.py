@@ -457,8 +457,8 @@ def _source_args(config):
 
 def check_splits(config):
     """data.DataError before anything is trained when a split cannot give what the run asks of
-    it: one global batch of readable training images, and the validation
-    images of --eval_steps batches (at least one)."""
+    it: one global batch of readable training images, and the validation images of
+    --eval_steps batches (at least one)."""
     data.check_split(config.dataset, "train", config.batch_size,
                      f"one training batch (--batch_size={config.batch_size})",
                      config.max_pixels, **_source_args(config))
