@@ -42,7 +42,7 @@ def _window_sum(v, radius):
 
 
 def _normaliser(x, depth_radius, bias, alpha):
-    """d = bias + alpha * (window sum of x**2): y = x * d**-beta."""
+    """d = bias + alpha * (window sum of x**2), the denominator of LRN's y = x * d**-beta."""
     return bias + alpha * _window_sum(tf.square(x), depth_radius)
 
 
@@ -92,7 +92,9 @@ def fused_lrn(depth_radius, bias, alpha, beta):
 
 @keras.saving.register_keras_serializable(package="alexnet_tf")
 class LocalResponseNormalization(keras.layers.Layer):
-    """Cross-channel local response normalisation, computed by `tf.nn.local_response_normalization`.
+    """Cross-channel local response normalisation (paper §3.3), with the values of
+    `tf.nn.local_response_normalization`; on a CPU computed by an XLA-fused form of the same
+    formula, see `implementation`.
 
     Under a mixed-precision policy the normalisation is computed in float32 (the sum of squares
     overflows float16 for activations above ~256) and the result is returned in the compute dtype.

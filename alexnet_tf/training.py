@@ -234,7 +234,8 @@ def _is_chief(strategy):
 
 
 class DivideOnPlateau(keras.callbacks.Callback):
-    """Paper §5: divide the learning rate by 10 when validation top-1 stops improving.
+    """Paper §5: multiply the learning rate by `factor` (the paper's 0.1: divide by 10) when
+    validation top-1 stops improving for `patience` epochs.
 
     At most `max_drops` divisions (the paper stopped after three). Its counters (`STATE`) are
     saved with each backup, so that a resumed run continues with them.
