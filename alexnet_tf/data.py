@@ -407,57 +407,64 @@ def load_source(source, split, data_dir=None, training=False, seed=None, input_c
     return ds, info
 
 
+def _through_guard(source, split, max_pixels, decode, stand_in, **source_args):
+    """A split's records, in load_source's order, as (status, value) through the guard: value
+    is `decode(encoded bytes)` of an image that passes it, else `stand_in`; decoded arrays (IDX)
+    pass as they are. Returns (that iterator, guard.Skips of the entries the listing left
+    out). What the split check and the PCA sample both read."""
+    ds, info = load_source(source, split, deterministic=True, **source_args)
+    skips = guard.Skips({guard.NOT_A_FILE: len(info.not_files)})
+    if ds.element_spec[0].dtype != tf.string:  # decoded arrays: every record is an image
+        records = ds.map(lambda image, label, origin: (guard.OK, image))
+    else:
+        # The pipeline's own rule (info.jpeg_only) decides, so that both see what training sees.
+        records = guard.decoded_or_skipped(
+            ds, image_of=lambda image, label, origin: image,
+            decode=lambda image, label, origin: (decode(image),),
+            stand_in=lambda *_: (stand_in,), max_pixels=max_pixels, jpeg_only=info.jpeg_only,
+            parallel=os.cpu_count())
+    return records.as_numpy_iterator(), skips, info
+
+
 def check_split(source, split, needed, what, max_pixels, **source_args):
     """DataError unless `split` holds at least `needed` images that pass the guard and decode,
     read in order until that many are found: a run that would stop for want of images stops
     before it starts, saying why. `what` names what needs them ("one training batch
     (--batch_size=4)"); `source_args` are load_source's."""
-    ds, info = load_source(source, split, deterministic=True, **source_args)
-    skips = guard.Skips({guard.NOT_A_FILE: len(info.not_files)})
+    # Decoded, not only checked: a split of files damaged inside would pass every check of the
+    # bytes, and a repeating pipeline would then wait for ever for its first image.
+    records, skips, info = _through_guard(
+        source, split, max_pixels, lambda image: tf.size(preprocessing.decode(image, 3)), 0,
+        **source_args)
     found = readable = 0
-    if ds.element_spec[0].dtype != tf.string:  # decoded arrays (IDX): every record is an image
-        found = readable = int(ds.take(needed).reduce(0, lambda n, _: n + 1))
-    else:
-        # Decoded, not only checked: a split of files damaged inside would pass every check of
-        # the bytes, and a repeating pipeline would then wait for ever for its first image.
-        statuses = guard.decoded_or_skipped(
-            ds, image_of=lambda image, label, origin: image,
-            decode=lambda image, label, origin: (tf.size(preprocessing.decode(image, 3)),),
-            stand_in=lambda *_: (0,), max_pixels=max_pixels, jpeg_only=info.jpeg_only,
-            parallel=os.cpu_count())
-        for code, _ in statuses.as_numpy_iterator():
-            found += 1
-            readable += code == guard.OK
-            skips[int(code)] += code != guard.OK
+    for code, _ in records:
+        found += 1
+        if code == guard.OK:
+            readable += 1
             if readable >= needed:
-                break
-    if readable < needed:
-        raise DataError(
-            f"{printable(info.source)}: the {split} split has {readable} readable image(s) of "
-            f"{found + len(info.not_files)} file(s), fewer than the {needed} that {what} needs; "
-            f"skipped: {skips.describe()}")
+                return
+        else:
+            skips[int(code)] += 1
+    raise DataError(
+        f"{printable(info.source)}: the {split} split has {readable} readable image(s) of "
+        f"{found + len(info.not_files)} file(s), fewer than the {needed} that {what} needs; "
+        f"skipped: {skips.describe()}")
 
 
 def decoded_sample(source, count, max_pixels, **source_args):
     """Up to `count` training images through the guard, decoded to RGB float32 in [0, 255], in
     the order load_source reads them: (images, guard.Skips of those left out)."""
-    ds, info = load_source(source, "train", deterministic=True, **source_args)
-    skips = guard.Skips({guard.NOT_A_FILE: len(info.not_files)})
-    if ds.element_spec[0].dtype != tf.string:
-        return [image for image, _, _ in ds.take(count)], skips
-    records = guard.decoded_or_skipped(
-        ds, image_of=lambda image, label, origin: image,
-        decode=lambda image, label, origin: (preprocessing.decode(image, 3),),
-        stand_in=lambda *_: (tf.zeros([0, 0, 3]),), max_pixels=max_pixels,
-        parallel=os.cpu_count())
+    records, skips, _ = _through_guard(
+        source, "train", max_pixels, lambda image: preprocessing.decode(image, 3),
+        tf.zeros([0, 0, 3]), **source_args)
     images = []
-    for code, image in records.as_numpy_iterator():
+    for code, image in records:
         if code != guard.OK:
             skips[int(code)] += 1
-        else:
-            images.append(image)
-            if len(images) == count:
-                break
+            continue
+        images.append(image)
+        if len(images) == count:
+            break
     return images, skips
 
 

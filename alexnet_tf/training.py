@@ -202,14 +202,15 @@ def make_strategy(config):
         if "TF_CONFIG" not in os.environ:
             raise TrainingError("--strategy=multi_worker needs the TF_CONFIG environment variable")
         return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_logical_devices("GPU")
+    facts = devices.DeviceFacts.of_this_machine()
     if config.strategy == "one_device":
-        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
-    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if facts.gpus else "/cpu:0")
+    # Every visible GPU; on a CPU-only machine the logical CPUs asked for.
+    replicas = devices.replica_devices(
+        facts, [d.name for d in tf.config.list_logical_devices("CPU")])
     if config.strategy == "mirrored":
-        return tf.distribute.MirroredStrategy([d.name for d in gpus] if gpus else cpus)
-    # auto: every visible GPU; on a CPU-only machine the logical CPUs asked for.
-    replicas = devices.replica_devices(devices.DeviceFacts.of_this_machine(), cpus)
+        return tf.distribute.MirroredStrategy(replicas)
+    # auto: mirrored over several devices.
     if len(replicas) > 1:
         return tf.distribute.MirroredStrategy(replicas)
     # One device: TensorFlow's default strategy, which places ops on the GPU when there is one.
