@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+BENCH = ["openvino>=2026.4", "onnxruntime>=1.32", "tf2onnx>=1.17", "onnx>=1.23"]
+
 setup(
     name="alexnet_tf",
     version="0.1.0",
@@ -27,12 +29,16 @@ setup(
         "gpu": ["tensorflow[and-cuda]>=2.20,<3"],
         # Reading torchvision .pth weights (alexnet_tf.weights.load_torchvision).
         "torch": ["torch>=2.0"],
+        # Runtimes users serve the export with instead of TensorFlow, each given predict_images:
+        # benchmarks/peers.py compares them, tests/test_runtimes.py checks their answers.
+        # Floors: the versions tested.
+        "bench": BENCH,
         # tensorflow-serving-api: the tests build PredictRequest protos as a TF Serving client would.
         # torch: the weight-import tests compare against PyTorch reference networks; 2.13.0 is
         # pinned because it is the CPU build this project's CI machines hold offline (an unpinned
         # torch pulls a CUDA build of several GB). nbclient/ipykernel: the notebook test.
         "test": ["pytest", "tensorflow-serving-api", "torch==2.13.0", "nbclient", "nbformat",
-                 "ipykernel"],
+                 "ipykernel", *BENCH],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

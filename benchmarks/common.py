@@ -164,6 +164,31 @@ def source_photos():
     return [getattr(skimage.data, name)()[..., :3] for name in PHOTOS]
 
 
+def request_images(count, side):
+    """`count` photographs (scikit-image's or matplotlib's) cut and resized to side x side: as
+    decoded pixels, uint8 [count, side, side, 3], and as their JPEG bytes (quality 90)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    photos = source_photos()
+    rng = np.random.default_rng(0)
+    images, jpegs = [], []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        cut = int(min(h, w) * rng.uniform(0.7, 1.0))
+        top, left = rng.integers(0, h - cut + 1), rng.integers(0, w - cut + 1)
+        image = Image.fromarray(photo[top:top + cut, left:left + cut]).resize((side, side))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+        # The pixels a client decodes from those bytes: every engine sees the same image.
+        images.append(np.asarray(Image.open(io.BytesIO(jpegs[-1])).convert("RGB")))
+    return np.stack(images), jpegs
+
+
 def make_jpegs(root, count):
     """Writes `count` ImageNet-like JPEGs (~500x375, quality 92, ~100 KB) cut from scikit-image's
     photographs to root/train/class<i % 10>/<i>.jpg; returns their mean size in bytes."""
@@ -209,3 +234,41 @@ def prepare_once(root):
           f"({split['bytes_out'] / n / 1024:.1f} KiB per image at quality "
           f"{description['jpeg_quality']})", flush=True)
     return out
+
+
+def median(values):
+    """The middle value (the upper of the two middle ones for an even count)."""
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def percentile(values, q):
+    """The q-th percentile as the nearest rank, one of the values themselves."""
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+def versions():
+    """The installed versions of the frameworks the benchmarks compare, from the packages'
+    metadata (nothing is imported)."""
+    from importlib import metadata
+
+    found = []
+    for package in ("tensorflow", "keras", "openvino", "onnxruntime", "tf2onnx", "torch"):
+        try:
+            found.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+def cpu_model():
+    """The CPU's model name and its widest vector units (AMX, AVX-512, AVX2), from /proc/cpuinfo."""
+    with open("/proc/cpuinfo") as f:
+        lines = f.read().splitlines()
+    name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")),
+                "unknown CPU")
+    flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
+    units = [unit for flag, unit in (("amx_tile", "AMX"), ("avx512_vnni", "AVX-512 VNNI"),
+                                     ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags]
+    return f"{name} ({units[0] if units else 'no AVX2'})"

@@ -1,0 +1,94 @@
+"""The export's `predict_images` in the runtimes users pick instead of TensorFlow: OpenVINO and
+ONNX Runtime (through tf2onnx), each against TensorFlow's answer on real photographs."""
+
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import alexnet_tf
+from alexnet_tf import preprocessing, serving
+from tests.helpers import photo_jpeg
+
+# The bench extra (pip install -e '.[bench]'), which the test extra installs.
+openvino = pytest.importorskip("openvino", reason="needs the bench extra")
+onnxruntime = pytest.importorskip("onnxruntime", reason="needs the bench extra")
+pytest.importorskip("tf2onnx", reason="needs the bench extra")
+
+pytestmark = pytest.mark.slow
+
+
+CONFIG = preprocessing.PreprocessConfig(image_size=227, resize_size=256)
+
+
+@pytest.fixture(scope="module")
+def photographs():
+    """Six framings of matplotlib's photograph (face, uniform, background, all of it, mirrored),
+    each resized to 300 x 400: float32 [6, 300, 400, 3] in [0, 255]."""
+    photo = tf.io.decode_jpeg(photo_jpeg(600, 512)).numpy()
+    windows = [photo[:300, :256], photo[100:400, 128:384], photo[300:, :256], photo[300:, 256:],
+               photo[:200, 300:], photo[:, ::-1]]
+    return np.stack([tf.image.resize(w, [300, 400]).numpy() for w in windows]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def paper_export(tmp_path_factory, photographs):
+    """A seeded paper-variant export whose classifier is re-centred and sharpened on these
+    photographs: an untrained network gives every image nearly the same logits, so fc8 becomes
+    200 x (logits - their mean over the photographs), and each photograph gets a clear top class
+    of its own."""
+    keras.utils.set_random_seed(3)
+    model = alexnet_tf.AlexNet(variant="paper")
+    views = np.stack([preprocessing.eval_image(image, CONFIG).numpy() for image in photographs])
+    mean_logits = model.predict(views, verbose=0).mean(0)
+    kernel, bias = model.get_layer("fc8").get_weights()
+    model.get_layer("fc8").set_weights([200 * kernel, 200 * (bias - mean_logits)])
+    return serving.export_saved_model(model, str(tmp_path_factory.mktemp("export") / "alexnet"),
+                                      [f"class{i}" for i in range(1000)], CONFIG, version=1)
+
+
+@pytest.fixture(scope="module")
+def tensorflow_probabilities(paper_export, photographs):
+    signature = tf.saved_model.load(paper_export).signatures["predict_images"]
+    probabilities = signature(images=tf.constant(photographs))["probabilities"].numpy()
+    top2 = np.sort(probabilities, axis=-1)[:, -2:]
+    # The comparison means something: peaked answers whose top-1 a 1e-4 error cannot flip.
+    assert (top2[:, 1] > 0.05).all() and (top2[:, 1] < 0.999).all(), top2  # not saturated
+    assert (top2[:, 1] - top2[:, 0] > 1e-3).all(), top2
+    assert len(set(probabilities.argmax(-1))) > 2  # not one class for every photograph
+    return probabilities
+
+
+def assert_agrees(probabilities, expected):
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(probabilities.argmax(-1), expected.argmax(-1))
+
+
+def test_openvino_runs_predict_images_as_tensorflow_does(paper_export, photographs,
+                                                         tensorflow_probabilities):
+    loaded = tf.saved_model.load(paper_export)  # alive while OpenVINO converts its signature
+    converted = openvino.convert_model(loaded.signatures["predict_images"])
+    # float32 arithmetic (a CPU with bfloat16 units would otherwise compute in bf16).
+    compiled = openvino.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    (output,) = [out for out in compiled.outputs if "probabilities" in out.names]
+    assert_agrees(compiled(photographs)[output], tensorflow_probabilities)
+
+
+def test_onnxruntime_runs_tf2onnx_predict_images_as_tensorflow_does(
+        paper_export, photographs, tensorflow_probabilities, tmp_path):
+    onnx_path = str(tmp_path / "alexnet.onnx")
+    # The command the README gives.
+    subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--saved-model", paper_export,
+                    "--signature_def", "predict_images", "--output", onnx_path],
+                   check=True, capture_output=True)
+    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    outputs = [o.name for o in session.get_outputs()]
+    assert "probabilities" in outputs and "classes" in outputs
+    probabilities, classes = session.run(["probabilities", "classes"], {"images": photographs})
+    assert_agrees(probabilities, tensorflow_probabilities)
+    expected = [f"class{i}" for i in tensorflow_probabilities.argmax(-1)]
+    assert [str(c) for c in classes[:, 0]] == expected
