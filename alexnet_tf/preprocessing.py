@@ -437,6 +437,19 @@ def eval_image(image, config, jpeg=False):
     return normalize(eval_crop(image, config, jpeg), config)
 
 
+def eval_images(images, config):
+    """`eval_image` of every image of a batch of decoded images of one shape, [N, H, W, C] uint8
+    or float in [0, 255], at once: one slice and one resize of the batch, no per-image loop."""
+    images = tf.convert_to_tensor(images)
+    shape = tf.shape(images)
+    side = _crop_side(tf.minimum(shape[1], shape[2]), config)
+    top, left = (shape[1] - side) // 2, (shape[2] - side) // 2
+    window = tf.cast(images[:, top : top + side, left : left + side], tf.float32)
+    resized = tf.image.resize(window, [config.image_size] * 2)
+    return normalize(tf.ensure_shape(resized, [None, config.image_size, config.image_size,
+                                               config.channels]), config)
+
+
 def ten_crop_views(image, config):
     """`ten_crop` before normalisation: float32 in [0, 255]. A decoded image whose shorter side
     is already resize_size (prepared data) is not resampled: the views are slices of it."""

@@ -123,7 +123,11 @@ def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
         return _classify(model, images, names, top_k, ten_crop)
 
     def serve_images(images):
-        images = tf.map_fn(lambda x: view(x, config), images, fn_output_signature=view_spec)
+        # The images of a request share one shape: the centre view is cut from all at once.
+        if ten_crop:
+            images = tf.map_fn(lambda x: view(x, config), images, fn_output_signature=view_spec)
+        else:
+            images = preprocessing.eval_images(images, config)
         return _classify(model, images, names, top_k, ten_crop)
 
     archive = keras.export.ExportArchive()

@@ -175,6 +175,20 @@ def test_eval_image_is_the_normalised_centre_crop(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(256, 300), (300, 256), (480, 640), (227, 227), (100, 150)])
+def test_eval_images_of_a_batch_is_eval_image_of_each(mode, shape):
+    images = np.stack([smooth_image(*shape, seed=s) for s in (1, 2, 3)])
+    batch = run(lambda x: preprocessing.eval_images(x, PHOTO), images, mode=mode).numpy()
+    assert batch.shape == (3, 227, 227, 3)
+    for image, out in zip(images, batch):
+        np.testing.assert_array_equal(out, preprocessing.eval_image(image, PHOTO).numpy())
+    if shape == (256, 300):  # and it is the centre crop, as numpy cuts it
+        top, left = (256 - 227) // 2, (300 - 227) // 2
+        expected = images[:, top : top + 227, left : left + 227] - np.float32(PHOTO.mean)
+        np.testing.assert_allclose(batch, expected, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_eval_image_resizes_the_shorter_side(mode):
     out = run(lambda x: preprocessing.resize_shorter_side(x, 256), smooth_image(300, 600), mode=mode)
     assert out.shape == (256, 512, 3)
