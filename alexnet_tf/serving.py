@@ -1,7 +1,8 @@
 """Versioned SavedModel export for TF Serving: encoded images in, labels and scores out.
 
 The signatures run the input pipeline's own evaluation functions (`preprocessing.eval_image`,
-`preprocessing.ten_crop`), so a served model sees exactly what evaluation saw.
+its batch form `eval_images` for `predict_images`, `preprocessing.ten_crop`), so a served model
+sees exactly what evaluation saw.
 """
 
 import os

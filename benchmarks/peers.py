@@ -98,7 +98,10 @@ def prepare(workdir, variant, count):
     size = DEFAULT_IMAGE_SIZE[variant]
     config = preprocessing.PreprocessConfig(image_size=size,
                                             resize_size=preprocessing.resize_size_for(size))
-    images, jpegs = common.request_images(count, SIDE)
+    _, jpegs = common.request_images(count, SIDE)
+    # The pixels a TensorFlow client decodes: the ones serving_default decodes in its graph
+    # (Pillow's decoder differs by a level here and there).
+    images = np.stack([tf.io.decode_jpeg(data).numpy() for data in jpegs])
     np.save(os.path.join(workdir, "images.npy"), images)
     for i, data in enumerate(jpegs):
         with open(os.path.join(workdir, f"{i}.jpg"), "wb") as f:
@@ -308,8 +311,7 @@ def compare(variant, workdir, batch_sizes, rounds, seconds, names):
     print(f"{variant}: exported, converted and {len(engines)} engines loaded in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     answers = {e.name: e.ask({"check": CHECK_BATCH})["probabilities"] for e in engines}
-    # The reference: the export's predict_images (the JPEG path decodes with libjpeg's own
-    # options, so serving_default's pixels can differ from the client's by a level or so).
+    # The reference: the export's predict_images.
     first = sorted((n for n in answers if answers[n] is not None), key=lambda n: "predict" not in n)
     reference = np.asarray(answers[first[0]])
     for engine in engines:
