@@ -410,6 +410,14 @@ def center_crop(image, size):
     return image[top : top + size, left : left + size]
 
 
+def _centre_window(shape, config):
+    """The window (top, left, height, width), in original pixels, of the evaluation view of an
+    image of `shape` [height, width]: the centre of the square that becomes image_size once the
+    shorter side is resize_size."""
+    side = _crop_side(tf.minimum(shape[0], shape[1]), config)
+    return (shape[0] - side) // 2, (shape[1] - side) // 2, side, side
+
+
 def eval_crop(image, config, jpeg=False):
     """`eval_image` before normalisation: the centre view in [0, 255], float32.
 
@@ -418,11 +426,7 @@ def eval_crop(image, config, jpeg=False):
     resampling, and cheaper (the full-size decode and resize are skipped).
     """
 
-    def window(shape):
-        side = _crop_side(tf.minimum(shape[0], shape[1]), config)
-        return (shape[0] - side) // 2, (shape[1] - side) // 2, side, side
-
-    image = _window_resized(image, window, config, jpeg)
+    image = _window_resized(image, lambda shape: _centre_window(shape, config), config, jpeg)
     return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
 
 
@@ -441,10 +445,8 @@ def eval_images(images, config):
     """`eval_image` of every image of a batch of decoded images of one shape, [N, H, W, C] uint8
     or float in [0, 255], at once: one slice and one resize of the batch, no per-image loop."""
     images = tf.convert_to_tensor(images)
-    shape = tf.shape(images)
-    side = _crop_side(tf.minimum(shape[1], shape[2]), config)
-    top, left = (shape[1] - side) // 2, (shape[2] - side) // 2
-    window = tf.cast(images[:, top : top + side, left : left + side], tf.float32)
+    top, left, height, width = _centre_window(tf.shape(images)[1:3], config)
+    window = tf.cast(images[:, top : top + height, left : left + width], tf.float32)
     resized = tf.image.resize(window, [config.image_size] * 2)
     return normalize(tf.ensure_shape(resized, [None, config.image_size, config.image_size,
                                                config.channels]), config)

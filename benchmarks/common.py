@@ -165,8 +165,8 @@ def source_photos():
 
 
 def request_images(count, side):
-    """`count` photographs (scikit-image's or matplotlib's) cut and resized to side x side: as
-    decoded pixels, uint8 [count, side, side, 3], and as their JPEG bytes (quality 90)."""
+    """`count` photographs (scikit-image's or matplotlib's) cut and resized to side x side, as
+    the JPEG bytes (quality 90) a client would send."""
     import io
 
     import numpy as np
@@ -174,7 +174,7 @@ def request_images(count, side):
 
     photos = source_photos()
     rng = np.random.default_rng(0)
-    images, jpegs = [], []
+    jpegs = []
     for i in range(count):
         photo = photos[i % len(photos)]
         h, w = photo.shape[:2]
@@ -184,9 +184,7 @@ def request_images(count, side):
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         jpegs.append(buffer.getvalue())
-        # The pixels a client decodes from those bytes: every engine sees the same image.
-        images.append(np.asarray(Image.open(io.BytesIO(jpegs[-1])).convert("RGB")))
-    return np.stack(images), jpegs
+    return jpegs
 
 
 def make_jpegs(root, count):

@@ -98,7 +98,7 @@ def prepare(workdir, variant, count):
     size = DEFAULT_IMAGE_SIZE[variant]
     config = preprocessing.PreprocessConfig(image_size=size,
                                             resize_size=preprocessing.resize_size_for(size))
-    _, jpegs = common.request_images(count, SIDE)
+    jpegs = common.request_images(count, SIDE)
     # The pixels a TensorFlow client decodes: the ones serving_default decodes in its graph
     # (Pillow's decoder differs by a level here and there).
     images = np.stack([tf.io.decode_jpeg(data).numpy() for data in jpegs])

@@ -129,8 +129,8 @@ def prepare(workdir, variant):
     size = DEFAULT_IMAGE_SIZE[variant]
     config = preprocessing.PreprocessConfig(image_size=size,
                                             resize_size=preprocessing.resize_size_for(size))
-    images, _ = common.request_images(max(int(b) for b in FLAGS.batch_sizes), 256)
-    images = images.astype(np.float32)
+    jpegs = common.request_images(max(int(b) for b in FLAGS.batch_sizes), 256)
+    images = np.stack([tf.io.decode_jpeg(data).numpy() for data in jpegs]).astype(np.float32)
     np.save(os.path.join(workdir, "images.npy"), images)
     # Clear answers to compare (an untrained network gives every image nearly the same):
     # fc8 becomes 200 x (logits - their mean over the request images).
