@@ -234,6 +234,19 @@ def prepare_once(root):
     return out
 
 
+def latencies(call, warmup_steps, seconds):
+    """Seconds of each timed call of `call()`: `warmup_steps` untimed calls, then calls until
+    `seconds` have passed and at least 5 were made."""
+    for _ in range(warmup_steps):
+        call()
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 5:
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def median(values):
     """The middle value (the upper of the two middle ones for an even count)."""
     values = sorted(values)

@@ -13,7 +13,6 @@ model only) and, for a like-for-like ratio, the Keras model alone under `tf.func
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,17 +30,6 @@ flags.DEFINE_float("seconds", 10.0, "Timed seconds per batch size (at least 5 ca
 flags.DEFINE_bool("torch", False, "Also time PyTorch and the bare Keras model.")
 flags.DEFINE_integer("threads", 0, "Intra-op threads for PyTorch (0: one per core).")
 FLAGS = flags.FLAGS
-
-
-def latencies(call, warmup_steps, seconds):
-    for _ in range(warmup_steps):
-        call()
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 5:
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def summary(times, batch_size):
@@ -90,14 +78,14 @@ def main(argv):
             images = tf.constant(np.random.default_rng(0).uniform(
                 0, 255, (batch_size, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)),
                 tf.float32)
-            rate, p50, p99 = summary(latencies(lambda: predict(images=images)["scores"].numpy(),
+            rate, p50, p99 = summary(common.latencies(lambda: predict(images=images)["scores"].numpy(),
                                                FLAGS.warmup_steps, FLAGS.seconds), batch_size)
             row = f"| {batch_size} | {rate:.1f} | {p50:.1f} | {p99:.1f} |"
             if FLAGS.torch and model is not None:
                 size = model.input_shape[1]
                 crops = images[:, :size, :size]
                 forward = tf.function(lambda x: model(x, training=False))
-                keras_rate, _, _ = summary(latencies(lambda: forward(crops).numpy(),
+                keras_rate, _, _ = summary(common.latencies(lambda: forward(crops).numpy(),
                                                      FLAGS.warmup_steps, FLAGS.seconds),
                                            batch_size)
                 torch_rate, _, _ = summary(common.torch_inference_latencies(

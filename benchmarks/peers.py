@@ -230,15 +230,8 @@ def serve_requests(name, workdir, variant):
             reply = {"probabilities": None if "probabilities" not in out else
                      np.asarray(out["probabilities"], np.float64).tolist()}
         else:
-            n, times = request["batch"], []
-            for _ in range(2):
-                call(n)
-            start = time.perf_counter()
-            while time.perf_counter() - start < request["seconds"] or len(times) < 5:
-                t = time.perf_counter()
-                call(n)
-                times.append(time.perf_counter() - t)
-            reply = {"times": times}
+            n = request["batch"]
+            reply = {"times": common.latencies(lambda: call(n), 2, request["seconds"])}
         print(json.dumps(reply), flush=True)
 
 

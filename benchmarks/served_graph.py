@@ -172,13 +172,7 @@ def time_candidates(workdir, batch_sizes, rounds, seconds):
         for batch in batch_sizes:
             for candidate in CANDIDATES:
                 call = calls[candidate]
-                call(batch)
-                call(batch)
-                times, start = [], time.perf_counter()
-                while time.perf_counter() - start < seconds or len(times) < 5:
-                    t = time.perf_counter()
-                    call(batch)
-                    times.append(time.perf_counter() - t)
+                times = common.latencies(lambda: call(batch), 2, seconds)
                 entry = result[candidate]
                 entry["rates"].setdefault(str(batch), []).append(batch * len(times) / sum(times))
                 entry["times"].setdefault(str(batch), []).extend(times)
