@@ -603,7 +603,7 @@ def make_dataset(
                                 num_classes, device_stage, drop_remainder=not data_service)
         if data_service:
             ds = _through_service(ds, data_service, repeat)
-        return _finished(ds, deterministic, autotune, input_context), info
+        return _with_options_and_prefetch(ds, deterministic, autotune, input_context), info
     if ten_crop and not training:
         per_example, per_batch = _ten_crop_steps(preprocess, device_stage)
     elif info.kind is SourceKind.PREPARED:
@@ -625,7 +625,7 @@ def make_dataset(
     ds = _apply(ds, per_batch, seed, deterministic)
     if data_service:
         ds = _through_service(ds, data_service, repeat)
-    return _finished(ds, deterministic, autotune, input_context), info
+    return _with_options_and_prefetch(ds, deterministic, autotune, input_context), info
 
 
 def _through_service(ds, address, repeat, compression=None):
@@ -646,7 +646,7 @@ def _through_service(ds, address, repeat, compression=None):
     return ds.repeat() if repeat else ds
 
 
-def _finished(ds, deterministic, autotune, input_context):
+def _with_options_and_prefetch(ds, deterministic, autotune, input_context):
     """The pipeline's options, and a prefetch buffer at its end."""
     options = tf.data.Options()
     options.deterministic = deterministic

@@ -135,7 +135,7 @@ def _write_json(path, value):
     os.replace(tmp, path)
 
 
-def _finished(output_dir, name):
+def _finished_shard(output_dir, name):
     """The saved totals of a finished shard, or None."""
     stats = os.path.join(output_dir, PROGRESS, f"{name}.json")
     if not (os.path.isfile(os.path.join(output_dir, name)) and os.path.isfile(stats)):
@@ -196,7 +196,7 @@ def _prepare_split(source, split, output_dir, quality, keep_frame, records_per_s
     names = _shard_names(split, max(1, math.ceil(total / records_per_shard)))
     class_names = (info.class_names if num_classes is None or num_classes == info.num_classes
                    else [str(i) for i in range(num_classes)])
-    finished = {name: _finished(output_dir, name) for name in names}
+    finished = {name: _finished_shard(output_dir, name) for name in names}
     todo = [i for i, name in enumerate(names) if finished[name] is None]
     if todo:
         os.makedirs(os.path.join(output_dir, PROGRESS), exist_ok=True)

@@ -380,7 +380,7 @@ def _dummy_batch(model, strategy, num_classes):
 
 
 def build_model(config, num_classes, image_size, channels):
-    """The AlexNet of a config, compiled is left to the caller."""
+    """The AlexNet of a config, not compiled (create_model compiles it)."""
     return model_lib.AlexNet(
         num_classes=num_classes,
         variant=config.variant,
