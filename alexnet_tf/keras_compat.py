@@ -1,9 +1,10 @@
-"""Work-arounds for two Keras bugs that reach into Keras internals, applied around `fit` and
-`evaluate` and undone afterwards.
+"""Every use of a Keras or TensorFlow internal, in one place: work-arounds for two Keras bugs,
+applied around `fit` and `evaluate` and undone afterwards, and the question TensorFlow has no
+public answer to (are its oneDNN CPU kernels on?).
 
-Checked with Keras 3.13 and 3.15 (TensorFlow backend), the lowest and newest versions the tests
-run on; 3.14 is untested. Each work-around first checks that the internal it relies on is there,
-and fails with `KerasCompatibilityError`, naming the Keras version, when a release has renamed
+Checked with Keras 3.13 and 3.15 (TensorFlow backend) and TensorFlow 2.20 and 2.21, the lowest
+and newest versions the tests run on. Each use first checks that the internal it relies on is
+there, and fails with `KerasCompatibilityError`, naming the version, when a release has renamed
 it: a work-around that silently stopped working would bring its bug back unnoticed.
 """
 
@@ -13,6 +14,7 @@ import keras
 import tensorflow as tf
 
 CHECKED_KERAS_VERSIONS = "3.13 and 3.15"
+CHECKED_TENSORFLOW_VERSIONS = "2.20 and 2.21"
 
 
 class KerasCompatibilityError(RuntimeError):
@@ -25,6 +27,24 @@ def _require(owner, name, purpose):
             f"Keras {keras.__version__} has no {name} (needed to {purpose}); alexnet_tf was "
             f"checked with Keras {CHECKED_KERAS_VERSIONS}: install one of those")
     return getattr(owner, name)
+
+
+def onednn_enabled():
+    """Whether this TensorFlow process runs its oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS, or
+    TensorFlow's default for this CPU, read once when TensorFlow starts).
+
+    TensorFlow has no public API for this; its own tests ask `_pywrap_util_port.IsMklEnabled`.
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        _pywrap_util_port = None
+    if not hasattr(_pywrap_util_port, "IsMklEnabled"):
+        raise KerasCompatibilityError(
+            f"TensorFlow {tf.__version__} has no _pywrap_util_port.IsMklEnabled (needed to tell "
+            f"whether its oneDNN kernels are on); alexnet_tf was checked with TensorFlow "
+            f"{CHECKED_TENSORFLOW_VERSIONS}: install one of those")
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 from alexnet_tf import devices
+from alexnet_tf.keras_compat import onednn_enabled  # noqa: F401  (layers.onednn_enabled)
 
 IMPLEMENTATIONS = ("split", "native")
 DENSE_IMPLEMENTATIONS = ("auto", "eigen", "tf")
@@ -39,14 +40,6 @@ def standard_ops():
         yield
     finally:
         _state.standard = previous
-
-
-def onednn_enabled():
-    """Whether this TensorFlow process runs its oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS, or
-    TensorFlow's default for this CPU, read once when TensorFlow starts)."""
-    from tensorflow.python.util import _pywrap_util_port
-
-    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def using_standard_ops():

@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-from alexnet_tf.layers import Dense, GroupedConv2D
+from alexnet_tf import layers as alexnet_layers
+from alexnet_tf.layers import GroupedConv2D
 from alexnet_tf.lrn import LRN_PRESETS, LocalResponseNormalization
 
 VARIANTS = ("paper", "single_tower", "one_weird_trick", "cifar", "small")
@@ -179,7 +180,7 @@ def AlexNet(
         x = keras.layers.Flatten(name="flatten")(x)
         for layer_name, units in zip(("fc6", "fc7"), hidden):
             kernel_init, bias_init = _initializers(init, layer_name)
-            x = Dense(
+            x = alexnet_layers.Dense(
                 units,
                 implementation=dense_implementation,
                 activation="relu",
@@ -191,7 +192,7 @@ def AlexNet(
                 x = keras.layers.Dropout(dropout, name=layer_name.replace("fc", "drop"))(x)
         kernel_init, bias_init = _initializers(init, "fc8")
         policy = keras.config.dtype_policy()
-        x = Dense(
+        x = alexnet_layers.Dense(
             num_classes,
             implementation=dense_implementation,
             kernel_initializer=kernel_init,

@@ -1,5 +1,9 @@
 """The Keras work-arounds: applied inside their context only, and a clear error when Keras lacks
-the internal one relies on."""
+the internal one relies on; the oneDNN question, answered from TensorFlow's internal."""
+
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -8,6 +12,7 @@ import tensorflow as tf
 
 import alexnet_tf
 from alexnet_tf import keras_compat
+from tests.helpers import ROOT
 
 
 def compiled_model():
@@ -51,3 +56,25 @@ def test_missing_internal_is_a_one_line_error_naming_the_keras_version(monkeypat
     message = str(error.value)
     assert f"Keras {keras.__version__} has no _symbolic_build" in message
     assert keras_compat.CHECKED_KERAS_VERSIONS in message and "\n" not in message
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_onednn_enabled_reports_the_processes_setting(setting):
+    # Its own process: TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at start-up.
+    result = subprocess.run(
+        [sys.executable, "-c", "from alexnet_tf import keras_compat; "
+         "print(keras_compat.onednn_enabled())"],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+        env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": setting, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.stdout.strip() == {"0": "False", "1": "True"}[setting]
+
+
+def test_missing_tensorflow_internal_is_a_one_line_error_naming_the_version(monkeypatch):
+    from tensorflow.python.util import _pywrap_util_port
+
+    monkeypatch.delattr(_pywrap_util_port, "IsMklEnabled")
+    with pytest.raises(keras_compat.KerasCompatibilityError) as error:
+        keras_compat.onednn_enabled()
+    message = str(error.value)
+    assert f"TensorFlow {tf.__version__} has no _pywrap_util_port.IsMklEnabled" in message
+    assert keras_compat.CHECKED_TENSORFLOW_VERSIONS in message and "\n" not in message
