@@ -19,7 +19,7 @@ import tensorflow as tf
 from alexnet_tf import devices
 from alexnet_tf.keras_compat import onednn_enabled  # noqa: F401  (layers.onednn_enabled)
 
-IMPLEMENTATIONS = ("split", "native")
+GROUPED_CONV_IMPLEMENTATIONS = ("split", "native")
 DENSE_IMPLEMENTATIONS = ("auto", "eigen", "tf")
 
 _state = threading.local()
@@ -143,10 +143,9 @@ class GroupedConv2D(keras.layers.Conv2D):
 
     def __init__(self, *args, implementation="split", **kwargs):
         super().__init__(*args, **kwargs)
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
-            )
+        if implementation not in GROUPED_CONV_IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {GROUPED_CONV_IMPLEMENTATIONS}, "
+                             f"got {implementation!r}")
         if self.data_format != "channels_last":
             raise ValueError("GroupedConv2D supports data_format='channels_last' only")
         self.implementation = implementation

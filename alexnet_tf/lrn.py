@@ -18,7 +18,7 @@ LRN_PRESETS = {
 }
 
 
-IMPLEMENTATIONS = ("auto", "fused", "tf")
+LRN_IMPLEMENTATIONS = ("auto", "fused", "tf")
 
 
 def _neg_power(d, beta):
@@ -122,9 +122,9 @@ class LocalResponseNormalization(keras.layers.Layer):
     def __init__(self, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75, implementation="auto",
                  **kwargs):
         super().__init__(**kwargs)
-        if implementation not in IMPLEMENTATIONS:
+        if implementation not in LRN_IMPLEMENTATIONS:
             raise ValueError(f"unknown LRN implementation {implementation!r}; "
-                             f"choose one of {IMPLEMENTATIONS}")
+                             f"choose one of {LRN_IMPLEMENTATIONS}")
         self.implementation = implementation
         self.depth_radius = int(depth_radius)
         self.bias = float(bias)
