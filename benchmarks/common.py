@@ -283,3 +283,52 @@ def cpu_model():
     units = [unit for flag, unit in (("amx_tile", "AMX"), ("avx512_vnni", "AVX-512 VNNI"),
                                      ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags]
     return f"{name} ({units[0] if units else 'no AVX2'})"
+
+
+def seeded_export(export_dir, variant, jpegs):
+    """A seeded `variant` model exported by `serving.export_saved_model` as export.py exports it,
+    for the request images `jpegs`. An untrained network gives every image nearly the same
+    answer, so fc8 becomes 200 x (logits - their mean over these images): each gets a clear one
+    to compare engines on.
+
+    Returns:
+        (model, its PreprocessConfig, export path, the images as TensorFlow decodes them, uint8
+        [N, H, W, 3], and their evaluation views, float32 [N, S, S, 3]).
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import alexnet_tf
+    from alexnet_tf import preprocessing, serving
+    from alexnet_tf.model import DEFAULT_IMAGE_SIZE
+
+    keras.utils.set_random_seed(0)
+    model = alexnet_tf.AlexNet(variant=variant)
+    size = DEFAULT_IMAGE_SIZE[variant]
+    config = preprocessing.PreprocessConfig(image_size=size,
+                                            resize_size=preprocessing.resize_size_for(size))
+    # The pixels a TensorFlow client decodes: the ones serving_default decodes in its graph.
+    images = np.stack([tf.io.decode_jpeg(data).numpy() for data in jpegs])
+    views = preprocessing.eval_images(images, config).numpy()
+    mean_logits = model.predict(views, verbose=0).mean(0)
+    kernel, bias = model.get_layer("fc8").get_weights()
+    model.get_layer("fc8").set_weights([200 * kernel, 200 * (bias - mean_logits)])
+    path = serving.export_saved_model(model, export_dir, [f"class{i}" for i in range(1000)],
+                                      config, version=1)
+    return model, config, path, images, views
+
+
+def serving_session(export, signature):
+    """A SavedModel loaded as tensorflow_model_server loads it (the C++ loader behind a v1
+    Session, tag "serve"): call(feed) -> {output name: array} for one signature."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
+    with graph.as_default():
+        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], export)
+    sig = meta.signature_def[signature]
+    (feed,) = [tensor.name for tensor in sig.inputs.values()]
+    fetches = {key: tensor.name for key, tensor in sig.outputs.items()}
+    return lambda data: session.run(fetches, {feed: data})

@@ -78,15 +78,16 @@ def main(argv):
             images = tf.constant(np.random.default_rng(0).uniform(
                 0, 255, (batch_size, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)),
                 tf.float32)
-            rate, p50, p99 = summary(common.latencies(lambda: predict(images=images)["scores"].numpy(),
-                                               FLAGS.warmup_steps, FLAGS.seconds), batch_size)
+            served = common.latencies(lambda: predict(images=images)["scores"].numpy(),
+                                      FLAGS.warmup_steps, FLAGS.seconds)
+            rate, p50, p99 = summary(served, batch_size)
             row = f"| {batch_size} | {rate:.1f} | {p50:.1f} | {p99:.1f} |"
             if FLAGS.torch and model is not None:
                 size = model.input_shape[1]
                 crops = images[:, :size, :size]
                 forward = tf.function(lambda x: model(x, training=False))
                 keras_rate, _, _ = summary(common.latencies(lambda: forward(crops).numpy(),
-                                                     FLAGS.warmup_steps, FLAGS.seconds),
+                                                            FLAGS.warmup_steps, FLAGS.seconds),
                                            batch_size)
                 torch_rate, _, _ = summary(common.torch_inference_latencies(
                     FLAGS.variant, batch_size, size, 10, FLAGS.warmup_steps, threads), batch_size)

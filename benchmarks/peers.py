@@ -24,7 +24,6 @@ the export's before any timing. Prints img/s, p50/p99 latency (ms) and each rati
 peer (OpenVINO, ONNX Runtime, PyTorch) per variant and batch size.
 """
 
-import io
 import json
 import os
 import subprocess
@@ -84,38 +83,18 @@ def torch_weights(model):
 
 
 def prepare(workdir, variant, count):
-    import keras
     import numpy as np
     import openvino
     import tensorflow as tf
 
-    import alexnet_tf
-    from alexnet_tf import preprocessing, serving
-    from alexnet_tf.model import DEFAULT_IMAGE_SIZE
-
-    keras.utils.set_random_seed(0)
-    model = alexnet_tf.AlexNet(variant=variant)
-    size = DEFAULT_IMAGE_SIZE[variant]
-    config = preprocessing.PreprocessConfig(image_size=size,
-                                            resize_size=preprocessing.resize_size_for(size))
     jpegs = common.request_images(count, SIDE)
-    # The pixels a TensorFlow client decodes: the ones serving_default decodes in its graph
-    # (Pillow's decoder differs by a level here and there).
-    images = np.stack([tf.io.decode_jpeg(data).numpy() for data in jpegs])
-    np.save(os.path.join(workdir, "images.npy"), images)
     for i, data in enumerate(jpegs):
         with open(os.path.join(workdir, f"{i}.jpg"), "wb") as f:
             f.write(data)
-    views = np.stack([preprocessing.eval_image(tf.constant(image, tf.float32), config).numpy()
-                      for image in images])
+    model, _, export, images, views = common.seeded_export(os.path.join(workdir, "export"),
+                                                           variant, jpegs)
+    np.save(os.path.join(workdir, "images.npy"), images)
     np.save(os.path.join(workdir, "views.npy"), views)
-    # An untrained network gives every image nearly the same answer: fc8 becomes 200 x (logits -
-    # their mean over the request images), so that the agreement check compares clear answers.
-    mean_logits = model.predict(views, verbose=0).mean(0)
-    kernel, bias = model.get_layer("fc8").get_weights()
-    model.get_layer("fc8").set_weights([200 * kernel, 200 * (bias - mean_logits)])
-    export = serving.export_saved_model(model, os.path.join(workdir, "export"),
-                                        [f"class{i}" for i in range(1000)], config, version=1)
     np.savez(os.path.join(workdir, "torch_weights.npz"), *torch_weights(model))
 
     loaded = tf.saved_model.load(export)  # kept alive while OpenVINO converts its signature
@@ -143,15 +122,9 @@ def tf_engine(workdir, signature):
         decode = tf.function(
             lambda b: tf.map_fn(tf.io.decode_jpeg, b, fn_output_signature=tf.uint8))
         return lambda n: {"pixels": decode(tf.constant(jpegs[:n])).numpy()}
-    graph = tf.Graph()
-    session = tf.compat.v1.Session(graph=graph)
-    with graph.as_default():
-        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], export)
-    sig = meta.signature_def[signature]
-    (feed,) = [tensor.name for tensor in sig.inputs.values()]
-    fetches = {key: tensor.name for key, tensor in sig.outputs.items()}
+    run = common.serving_session(export, signature)
     data = jpegs if signature == "serving_default" else images
-    return lambda n: session.run(fetches, {feed: data[:n]})
+    return lambda n: run(data[:n])
 
 
 def openvino_engine(workdir):

@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,32 +114,16 @@ def candidate_module(model, config, candidate):
 
 
 def prepare(workdir, variant):
-    import keras
     import numpy as np
     import tensorflow as tf
 
-    import alexnet_tf
-    from alexnet_tf import preprocessing, serving
     from alexnet_tf.layers import standard_ops
-    from alexnet_tf.model import DEFAULT_IMAGE_SIZE
 
-    keras.utils.set_random_seed(0)
-    model = alexnet_tf.AlexNet(variant=variant)
-    size = DEFAULT_IMAGE_SIZE[variant]
-    config = preprocessing.PreprocessConfig(image_size=size,
-                                            resize_size=preprocessing.resize_size_for(size))
     jpegs = common.request_images(max(int(b) for b in FLAGS.batch_sizes), 256)
-    images = np.stack([tf.io.decode_jpeg(data).numpy() for data in jpegs]).astype(np.float32)
-    np.save(os.path.join(workdir, "images.npy"), images)
-    # Clear answers to compare (an untrained network gives every image nearly the same):
-    # fc8 becomes 200 x (logits - their mean over the request images).
-    views = np.stack([preprocessing.eval_image(image, config).numpy() for image in images])
-    mean_logits = model.predict(views, verbose=0).mean(0)
-    kernel, bias = model.get_layer("fc8").get_weights()
-    model.get_layer("fc8").set_weights([200 * kernel, 200 * (bias - mean_logits)])
-    serving.export_saved_model(model, os.path.join(workdir, "today"),
-                               [f"class{i}" for i in range(1000)], config, version=1)
-    os.rename(os.path.join(workdir, "today", "1"), os.path.join(workdir, "today.saved"))
+    model, config, export, images, _ = common.seeded_export(os.path.join(workdir, "today"),
+                                                            variant, jpegs)
+    np.save(os.path.join(workdir, "images.npy"), images.astype(np.float32))
+    os.rename(export, os.path.join(workdir, "today.saved"))
     with standard_ops():
         for candidate in CANDIDATES[1:]:
             module = candidate_module(model, config, candidate)
@@ -149,23 +132,15 @@ def prepare(workdir, variant):
 
 
 def time_candidates(workdir, batch_sizes, rounds, seconds):
-    """Child: prints one JSON line {candidate: {batch: [rates], "p50": ..., "probabilities"}}."""
+    """Child: prints one JSON line, {candidate: {"probabilities": of 8 images, "rates": {batch:
+    img/s per round}, "times": {batch: seconds per call}}, "fc_alone_ms": fc_matmuls_ms()}."""
     import numpy as np
-    import tensorflow as tf
 
     images = np.load(os.path.join(workdir, "images.npy"))
-    calls = {}
-    for candidate in CANDIDATES:
-        graph = tf.Graph()
-        session = tf.compat.v1.Session(graph=graph)
-        with graph.as_default():
-            meta = tf.compat.v1.saved_model.loader.load(
-                session, ["serve"], os.path.join(workdir, f"{candidate}.saved"))
-        sig = meta.signature_def["predict_images"]
-        (feed,) = [t.name for t in sig.inputs.values()]
-        fetch = sig.outputs["probabilities"].name
-        calls[candidate] = (lambda s, feed, fetch: lambda n: s.run(fetch, {feed: images[:n]}))(
-            session, feed, fetch)
+    runs = {c: common.serving_session(os.path.join(workdir, f"{c}.saved"), "predict_images")
+            for c in CANDIDATES}
+    calls = {c: (lambda run: lambda n: run(images[:n])["probabilities"])(runs[c])
+             for c in CANDIDATES}
     result = {c: {"probabilities": calls[c](8).tolist(), "rates": {}, "times": {}}
               for c in CANDIDATES}
     for _ in range(rounds):
@@ -180,7 +155,7 @@ def time_candidates(workdir, batch_sizes, rounds, seconds):
     print(json.dumps(result), flush=True)
 
 
-def fc_matmuls_ms(repeats=200):
+def fc_matmuls_ms(seconds=2.0):
     """Median ms of fc6, fc7 and fc8's matmuls alone at batch 1 (MatMul + BiasAdd + Relu on
     random float32 weights of the paper's shapes): the part of a request that reads the 234 MB."""
     import numpy as np
@@ -198,13 +173,7 @@ def fc_matmuls_ms(repeats=200):
         return x
 
     x = tf.constant(rng.standard_normal((1, 9216), np.float32))
-    times = []
-    for i in range(repeats + 10):
-        start = time.perf_counter()
-        fc(x).numpy()
-        if i >= 10:
-            times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    return 1000 * common.median(common.latencies(lambda: fc(x).numpy(), 10, seconds))
 
 
 def main(argv):
