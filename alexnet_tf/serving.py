@@ -163,15 +163,15 @@ def load_run(workdir, checkpoint="best"):
     return model, class_names, config
 
 
-def export_saved_model(model, export_dir, class_names, config, version=None, ten_crop=False,
-                       overwrite=False, top_k=5):
-    """Writes `<export_dir>/<version>/` atomically and returns its path.
+def write_version(export_dir, write, version=None, overwrite=False):
+    """Fills a new version `<export_dir>/<version>/` with `write(directory)`, atomically, and
+    returns its path.
 
-    The SavedModel is written to a hidden temporary directory beside the versions and renamed
-    into place only when complete, so a TF Serving instance watching export_dir never loads a
-    half-written version. The version is claimed first (a hidden `.claim-<N>` file created
-    atomically), so concurrent exports to one export_dir each get their own version, and an
-    explicit `version` that another export is writing is refused.
+    `write` fills a hidden temporary directory beside the versions, which is renamed into place
+    only when complete, so a server watching export_dir never loads a half-written version, and
+    a failed export leaves nothing behind. The version is claimed first (a hidden `.claim-<N>`
+    file created atomically), so concurrent exports to one export_dir each get their own
+    version, and an explicit `version` that another export is writing is refused.
     """
     if version is not None and int(version) < 1:
         raise ExportError(f"version must be a positive integer, got {version}")
@@ -181,16 +181,8 @@ def export_saved_model(model, export_dir, class_names, config, version=None, ten
     final = os.path.join(export_dir, str(version))
     tmp = None
     try:
-        archive = build_export_archive(model, class_names, config, ten_crop=ten_crop, top_k=top_k)
         tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
-        # Saving traces the endpoints' functions again (without this, the test for standard ops
-        # finds XLA-compiled ones).
-        with standard_ops():
-            archive.write_out(tmp, verbose=False)
-        # Also readable without TensorFlow; TF Serving leaves assets.extra/ to its users.
-        os.makedirs(os.path.join(tmp, "assets.extra"))
-        with open(os.path.join(tmp, "assets.extra", "class_names.txt"), "w") as f:
-            f.write("\n".join(str(name) for name in class_names) + "\n")
+        write(tmp)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -202,3 +194,27 @@ def export_saved_model(model, export_dir, class_names, config, version=None, ten
         os.remove(claim)
     logging.info("Exported %s", final)
     return final
+
+
+def write_class_names(path, class_names):
+    """One class name a line, line i naming class id i."""
+    with open(path, "w") as f:
+        f.write("\n".join(str(name) for name in class_names) + "\n")
+
+
+def export_saved_model(model, export_dir, class_names, config, version=None, ten_crop=False,
+                       overwrite=False, top_k=5):
+    """Writes the SavedModel of `build_export_archive` as `<export_dir>/<version>/` (the next
+    version by default), atomically (`write_version`), and returns its path."""
+    archive = build_export_archive(model, class_names, config, ten_crop=ten_crop, top_k=top_k)
+
+    def write(directory):
+        # Saving traces the endpoints' functions again (without this, the test for standard ops
+        # finds XLA-compiled ones).
+        with standard_ops():
+            archive.write_out(directory, verbose=False)
+        # Also readable without TensorFlow; TF Serving leaves assets.extra/ to its users.
+        os.makedirs(os.path.join(directory, "assets.extra"))
+        write_class_names(os.path.join(directory, "assets.extra", "class_names.txt"), class_names)
+
+    return write_version(export_dir, write, version, overwrite)
