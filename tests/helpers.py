@@ -63,6 +63,25 @@ def photo_jpeg(height, width):
     return tf.io.encode_jpeg(tf.cast(tf.round(resized), tf.uint8), quality=90).numpy()
 
 
+def photo_framings(height=300, width=400):
+    """Six framings of matplotlib's photograph (face, uniform, background, all of it, mirrored),
+    each resized to height x width: float32 [6, height, width, 3] in [0, 255]."""
+    photo = tf.io.decode_jpeg(photo_jpeg(600, 512)).numpy()
+    windows = [photo[:300, :256], photo[100:400, 128:384], photo[300:, :256], photo[300:, 256:],
+               photo[:200, 300:], photo[:, ::-1]]
+    return np.stack([tf.image.resize(w, [height, width]).numpy()
+                     for w in windows]).astype(np.float32)
+
+
+def recentre_classifier(model, views, sharpness=200):
+    """Makes an untrained AlexNet decisive on `views` (its inputs): such a network gives every
+    image nearly the same logits, so fc8 becomes sharpness x (logits - their mean over the
+    views), and each view gets a clear top class of its own."""
+    mean_logits = model.predict(views, verbose=0).mean(0)
+    kernel, bias = model.get_layer("fc8").get_weights()
+    model.get_layer("fc8").set_weights([sharpness * kernel, sharpness * (bias - mean_logits)])
+
+
 def run_measured(args, env=None, timeout=300):
     """Runs a command to its end; (exit status, stdout, stderr, the process's peak resident
     memory in MB), the peak from the kernel's accounting of that one process (wait4)."""

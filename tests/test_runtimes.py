@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import alexnet_tf
 from alexnet_tf import preprocessing, serving
-from tests.helpers import photo_jpeg
+from tests.helpers import photo_framings, recentre_classifier
 
 # The bench extra (pip install -e '.[bench]'), which the test extra installs.
 openvino = pytest.importorskip("openvino", reason="needs the bench extra")
@@ -26,26 +26,16 @@ CONFIG = preprocessing.PreprocessConfig(image_size=227, resize_size=256)
 
 @pytest.fixture(scope="module")
 def photographs():
-    """Six framings of matplotlib's photograph (face, uniform, background, all of it, mirrored),
-    each resized to 300 x 400: float32 [6, 300, 400, 3] in [0, 255]."""
-    photo = tf.io.decode_jpeg(photo_jpeg(600, 512)).numpy()
-    windows = [photo[:300, :256], photo[100:400, 128:384], photo[300:, :256], photo[300:, 256:],
-               photo[:200, 300:], photo[:, ::-1]]
-    return np.stack([tf.image.resize(w, [300, 400]).numpy() for w in windows]).astype(np.float32)
+    return photo_framings()
 
 
 @pytest.fixture(scope="module")
 def paper_export(tmp_path_factory, photographs):
     """A seeded paper-variant export whose classifier is re-centred and sharpened on these
-    photographs: an untrained network gives every image nearly the same logits, so fc8 becomes
-    200 x (logits - their mean over the photographs), and each photograph gets a clear top class
-    of its own."""
+    photographs (`recentre_classifier`)."""
     keras.utils.set_random_seed(3)
     model = alexnet_tf.AlexNet(variant="paper")
-    views = np.stack([preprocessing.eval_image(image, CONFIG).numpy() for image in photographs])
-    mean_logits = model.predict(views, verbose=0).mean(0)
-    kernel, bias = model.get_layer("fc8").get_weights()
-    model.get_layer("fc8").set_weights([200 * kernel, 200 * (bias - mean_logits)])
+    recentre_classifier(model, preprocessing.eval_images(photographs, CONFIG).numpy())
     return serving.export_saved_model(model, str(tmp_path_factory.mktemp("export") / "alexnet"),
                                       [f"class{i}" for i in range(1000)], CONFIG, version=1)
 
