@@ -3,6 +3,10 @@
 from setuptools import find_packages, setup
 
 BENCH = ["openvino>=2026.4", "onnxruntime>=1.32", "tf2onnx>=1.17", "onnx>=1.23"]
+# export.py --format=litert|onnx|openvino: the converters (LiteRT's is TensorFlow's own) and the
+# runtimes that run each file. Floors: the versions tested.
+EXPORT = ["ai-edge-litert>=2.3", "onnxruntime>=1.32", "tf2onnx>=1.17", "onnx>=1.23",
+          "openvino>=2026.4"]
 
 setup(
     name="alexnet_tf",
@@ -33,12 +37,13 @@ setup(
         # benchmarks/peers.py compares them, tests/test_runtimes.py checks their answers.
         # Floors: the versions tested.
         "bench": BENCH,
+        "export": EXPORT,
         # tensorflow-serving-api: the tests build PredictRequest protos as a TF Serving client would.
         # torch: the weight-import tests compare against PyTorch reference networks; 2.13.0 is
         # pinned because it is the CPU build this project's CI machines hold offline (an unpinned
         # torch pulls a CUDA build of several GB). nbclient/ipykernel: the notebook test.
         "test": ["pytest", "tensorflow-serving-api", "torch==2.13.0", "nbclient", "nbformat",
-                 "ipykernel", *BENCH],
+                 "ipykernel", *sorted(set(BENCH + EXPORT))],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

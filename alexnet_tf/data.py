@@ -529,6 +529,7 @@ def make_dataset(
     autotune=False,
     device_stage=False,
     data_service=None,
+    order_seed=None,
 ):
     """Builds the batched, preprocessed tf.data pipeline for one split.
 
@@ -565,6 +566,8 @@ def make_dataset(
             Every batch is kept, the last of each worker's share too, so that an epoch delivers
             every record once. The workers print the images they skip; `info.skipped` does
             not count them.
+        order_seed: evaluation of a folder tree in one fixed pseudo-random file order instead
+            of class by class (load_source), for a sample of a split's first images.
 
     Returns:
         (dataset of (images, labels), DatasetInfo).
@@ -574,7 +577,8 @@ def make_dataset(
     # Prepared training data is parsed, checked and cropped per batch (_prepared_training).
     batched_crops = training and parse_source(source)[0] == "prepared"
     ds, info = load_source(source, split, data_dir, training, seed, input_context, num_classes,
-                           one_based_labels, deterministic=deterministic, serialized=batched_crops)
+                           one_based_labels, deterministic=deterministic, order_seed=order_seed,
+                           serialized=batched_crops)
     num_classes = num_classes or info.num_classes
     if preprocess.channels != info.channels and info.channels is not None:
         logging.info("Converting %d-channel images of %s to %d channels",
