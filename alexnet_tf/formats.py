@@ -58,7 +58,7 @@ def probability_model(model):
     """AlexNet `model` (logits) and a softmax, in float32: input `images`, output
     `probabilities`."""
     model = float32_model(model)
-    probabilities = keras.layers.Softmax(name="probabilities")(model.output)
+    probabilities = keras.layers.Softmax(name="probabilities", dtype="float32")(model.output)
     return keras.Model(model.input, {"probabilities": probabilities}, name=model.name)
 
 
