@@ -674,8 +674,10 @@ def _prepared_training(ds, info, preprocess, batch_size, seed, deterministic, nu
     batch, padded with stand-ins while it is decoded."""
     stored = None if info.prepared.get("keep_frame") else info.prepared["resolution"]
     # Stands in for an incomplete image until its crop is dropped, so that the batch keeps its
-    # size while it is decoded.
-    stand_in = tf.io.encode_jpeg(tf.zeros([preprocess.resize_size] * 2 + [3], tf.uint8))
+    # size while it is decoded. At the stored size: its window is drawn for that size, and a
+    # window outside it would fail the whole batch's decoding, real images too.
+    side = stored or preprocess.resize_size
+    stand_in = tf.io.encode_jpeg(tf.zeros([side, side, 3], tf.uint8))
 
     def crops(records, s):
         images, labels = parse_examples(records)

@@ -3,6 +3,7 @@ keys, resuming after SIGKILL, crops of prepared images against numpy slices, and
 prepared data served on the original JPEG bytes."""
 
 import collections
+import dataclasses
 import json
 import os
 import signal
@@ -291,27 +292,51 @@ def test_ten_crops_are_the_corners_centre_and_mirrors(prepared):
     matched(crops, images, ten_views)
 
 
-def test_a_damaged_prepared_record_is_skipped_and_counted_in_training(prepared, tmp_path):
-    _, _, out = prepared
-    damaged = tmp_path / "damaged"
-    damaged.mkdir()
+def damaged_copy(out, directory):
+    """`out` with the first record of its first training shard cut short, as a damaged disk
+    block would, in `directory` (links to the other files)."""
+    directory.mkdir()
     for name in os.listdir(out):
         if not name.startswith("."):
-            os.symlink(os.path.join(out, name), damaged / name)
+            os.symlink(os.path.join(out, name), directory / name)
     first = data.read_prepared(out)["splits"]["train"]["shards"][0]
-    (damaged / first).unlink()
-    with tf.io.TFRecordWriter(str(damaged / first)) as writer:
+    (directory / first).unlink()
+    with tf.io.TFRecordWriter(str(directory / first)) as writer:
         for i, record in enumerate(tf.data.TFRecordDataset(os.path.join(out, first))):
             example = tf.train.Example.FromString(record.numpy())
-            if i == 0:  # cut the JPEG short, as a damaged disk block would
+            if i == 0:
                 jpeg = example.features.feature["image/encoded"].bytes_list.value
                 jpeg[0] = jpeg[0][:len(jpeg[0]) // 2]
             writer.write(example.SerializeToString())
-    ds, info = data.make_dataset(f"prepared:{damaged}", "train", True, 1, config_for(out),
-                                 seed=0, device_stage=True)
+    return f"prepared:{directory}"
+
+
+def test_a_damaged_prepared_record_is_skipped_and_counted_in_training(prepared, tmp_path):
+    _, _, out = prepared
+    ds, info = data.make_dataset(damaged_copy(out, tmp_path / "damaged"), "train", True, 1,
+                                 config_for(out), seed=0, device_stage=True)
     images = sum(int(x.shape[0]) for x, _ in ds)
     assert int(info.skipped.numpy()) == 1
     assert images == data.read_prepared(out)["splits"]["train"]["records"] - 1
+
+
+@pytest.mark.parametrize("drop_remainder", [True, False], ids=["batches", "short_last_batch"])
+def test_a_batch_keeps_its_images_beside_a_damaged_record(prepared, tmp_path, drop_remainder):
+    """The damaged record's stand-in (and the padding of a short last batch, as through the
+    tf.data service) is decoded with the batch: it must fit the windows drawn for the stored
+    size, whatever the config's resize_size, or decoding fails and the batch is lost."""
+    _, _, out = prepared
+    source = damaged_copy(out, tmp_path / "damaged")
+    config = dataclasses.replace(config_for(out), image_size=32, resize_size=36)
+    ds, info = data.load_source(source, "train", training=True, seed=0, serialized=True)
+    info.skipped = tf.Variable(0, dtype=tf.int64)
+    ds = data._prepared_training(ds, info, config, 4, seed=0, deterministic=True, num_classes=3,
+                                 device_stage=True, drop_remainder=drop_remainder)
+    records = data.read_prepared(out)["splits"]["train"]["records"]
+    kept = sum(int(labels.shape[0]) for _, labels in ds)
+    expected = (records // 4) * 4 - 1 if drop_remainder else records - 1
+    assert int(info.skipped.numpy()) == 1
+    assert kept == expected
 
 
 def test_a_label_outside_the_classes_stops_prepared_training(prepared):
