@@ -287,9 +287,8 @@ def cpu_model():
 
 def seeded_export(export_dir, variant, jpegs):
     """A seeded `variant` model exported by `serving.export_saved_model` as export.py exports it,
-    for the request images `jpegs`. An untrained network gives every image nearly the same
-    answer, so fc8 becomes 200 x (logits - their mean over these images): each gets a clear one
-    to compare engines on.
+    for the request images `jpegs`, its classifier re-centred and sharpened x200 on them
+    (tests.helpers.recentre_classifier), so that each gets a clear answer to compare engines on.
 
     Returns:
         (model, its PreprocessConfig, export path, the images as TensorFlow decodes them, uint8
@@ -302,6 +301,7 @@ def seeded_export(export_dir, variant, jpegs):
     import alexnet_tf
     from alexnet_tf import preprocessing, serving
     from alexnet_tf.model import DEFAULT_IMAGE_SIZE
+    from tests.helpers import recentre_classifier
 
     keras.utils.set_random_seed(0)
     model = alexnet_tf.AlexNet(variant=variant)
@@ -311,9 +311,7 @@ def seeded_export(export_dir, variant, jpegs):
     # The pixels a TensorFlow client decodes: the ones serving_default decodes in its graph.
     images = np.stack([tf.io.decode_jpeg(data).numpy() for data in jpegs])
     views = preprocessing.eval_images(images, config).numpy()
-    mean_logits = model.predict(views, verbose=0).mean(0)
-    kernel, bias = model.get_layer("fc8").get_weights()
-    model.get_layer("fc8").set_weights([200 * kernel, 200 * (bias - mean_logits)])
+    recentre_classifier(model, views, sharpness=200)
     path = serving.export_saved_model(model, export_dir, [f"class{i}" for i in range(1000)],
                                       config, version=1)
     return model, config, path, images, views
