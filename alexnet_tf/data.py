@@ -426,6 +426,13 @@ def _through_guard(source, split, max_pixels, decode, stand_in, **source_args):
     return records.as_numpy_iterator(), skips, info
 
 
+def saved_source_args(settings):
+    """load_source's arguments other than the source, from a run's saved config.json (`settings`,
+    the dict): what the pictures and the int8 calibration read a finished run's data with."""
+    return dict(data_dir=settings.get("data_dir"), num_classes=settings.get("num_classes"),
+                one_based_labels=settings.get("one_based_labels", False))
+
+
 def check_split(source, split, needed, what, max_pixels, **source_args):
     """DataError unless `split` holds at least `needed` images that pass the guard and decode,
     read in order until that many are found: a run that would stop for want of images stops

@@ -119,8 +119,7 @@ def calibration_images(workdir, config, count=CALIBRATION_IMAGES):
             settings = json.load(f)
     except RunDirError as e:
         raise serving.ExportError(str(e)) from None
-    source_args = dict(data_dir=settings.get("data_dir"), num_classes=settings.get("num_classes"),
-                       one_based_labels=settings.get("one_based_labels", False))
+    source_args = data.saved_source_args(settings)
     data.check_split(settings["dataset"], "train", 1, "int8 calibration", config.max_pixels,
                      **source_args)
     dataset, _ = data.make_dataset(settings["dataset"], "train", False, count, config,

@@ -171,8 +171,7 @@ def draw(command, workdir, output=None, checkpoint="best", count=32):
 
     with open(_existing(run, run.config)) as f:
         config = json.load(f)
-    source_args = dict(data_dir=config.get("data_dir"), num_classes=config.get("num_classes"),
-                       one_based_labels=config.get("one_based_labels", False))
+    source_args = data.saved_source_args(config)
     # Repeated, so that a split of fewer than `count` images still fills the grid, once it is
     # known to hold one.
     data.check_split(config["dataset"], "train", 1, "an augmentations grid", pre.max_pixels,
