@@ -24,7 +24,6 @@ from alexnet_tf.layers import standard_ops
 from alexnet_tf.rundir import RunDir, RunDirError
 
 MODEL_FILES = {"litert": "model.tflite", "onnx": "model.onnx", "openvino": "model.xml"}
-QUANTIZATIONS = ("none", "dynamic", "int8")
 # The modules each conversion imports (LiteRT's converter is TensorFlow's own); the export extra
 # installs them.
 CONVERTERS = {"litert": (), "onnx": ("tf2onnx", "onnx"), "openvino": ("openvino",)}
