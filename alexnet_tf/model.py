@@ -7,17 +7,24 @@ from alexnet_tf import layers as alexnet_layers
 from alexnet_tf.layers import GroupedConv2D
 from alexnet_tf.lrn import LRN_PRESETS, LocalResponseNormalization
 
-VARIANTS = ("paper", "single_tower", "one_weird_trick", "cifar", "small")
 INITS = ("paper", "caffe", "keras")
 
-# Input size each variant was designed for (height = width).
-DEFAULT_IMAGE_SIZE = {
-    "paper": 227,  # 224 in the paper's text, but 227 is what makes conv1's 55x55 output (Caffe)
-    "single_tower": 227,
-    "one_weird_trick": 224,  # torchvision / cuda-convnet2 pad conv1 by 2 instead
-    "cifar": 32,
-    "small": 32,
+# Each variant's input side (height = width): the size it was designed for, and the least its
+# layers take (see AlexNet's docstring for the variants).
+VARIANT_SIZES = {
+    # 224 in the paper's text, but 227 is what makes conv1's 55x55 output (Caffe); conv1..pool5
+    # need 67.
+    "paper": (227, 67),
+    "single_tower": (227, 67),
+    # torchvision / cuda-convnet2 pad conv1 by 2 instead; Keras' adaptive pooling cannot
+    # upsample, so pool5 must be at least 6x6.
+    "one_weird_trick": (224, 223),
+    "cifar": (32, 8),  # two 2x poolings
+    "small": (32, 19),  # two VALID 5x5 convolutions and poolings
 }
+VARIANTS = tuple(VARIANT_SIZES)
+DEFAULT_IMAGE_SIZE = {variant: sizes[0] for variant, sizes in VARIANT_SIZES.items()}
+MIN_IMAGE_SIZE = {variant: sizes[1] for variant, sizes in VARIANT_SIZES.items()}
 
 # Paper §5: "We initialized the neuron biases in the second, fourth, and fifth convolutional layers,
 # as well as in the fully-connected hidden layers, with the constant 1 ... remaining layers with 0."
@@ -38,19 +45,9 @@ def _initializers(init, name):
     return keras.initializers.RandomNormal(0.0, weight_std), keras.initializers.Constant(bias)
 
 
-def AlexNet(
-    num_classes=1000,
-    variant="paper",
-    input_shape=None,
-    lrn="paper",
-    init="paper",
-    dropout=0.5,
-    include_top=True,
-    name=None,
-    grouped_conv_implementation="split",
-    lrn_implementation="auto",
-    dense_implementation="auto",
-):
+def AlexNet(num_classes=1000, variant="paper", input_shape=None, lrn="paper", init="paper",
+            dropout=0.5, include_top=True, name=None, grouped_conv_implementation="split",
+            lrn_implementation="auto", dense_implementation="auto"):
     """Builds an AlexNet `keras.Model`.
 
     The model outputs **logits** (fc8 without softmax): training uses
@@ -93,6 +90,18 @@ def AlexNet(
         >>> model.output_shape
         (None, 10)
     """
+    input_shape = _validated_input_shape(variant, input_shape, init, lrn, dropout, include_top)
+    blocks = _Blocks(init, lrn, grouped_conv_implementation, lrn_implementation,
+                     dense_implementation)
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x, hidden = _FEATURES[variant](blocks, inputs, include_top)
+    if include_top:
+        x = _head(blocks, x, hidden, 0.0 if variant == "small" else dropout, num_classes)
+    return keras.Model(inputs, x, name=name or f"alexnet_{variant}")
+
+
+def _validated_input_shape(variant, input_shape, init, lrn, dropout, include_top):
+    """`input_shape`, or the variant's own, once every argument is known to be valid."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown AlexNet variant {variant!r}; choose one of {VARIANTS}")
     if init not in INITS:
@@ -108,100 +117,105 @@ def AlexNet(
         raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}")
     if include_top and None in input_shape[:2]:
         raise ValueError("include_top=True needs a fixed input height and width")
+    return input_shape
 
-    def conv(x, filters, kernel_size, layer_name, strides=1, padding="same", groups=1):
-        kernel_init, bias_init = _initializers(init, layer_name)
-        kwargs = dict(
-            strides=strides,
-            padding=padding,
-            activation="relu",
-            kernel_initializer=kernel_init,
-            bias_initializer=bias_init,
-            name=layer_name,
-        )
+
+class _Blocks:
+    """The layers every variant is made of, named and initialised as AlexNet's arguments say."""
+
+    def __init__(self, init, lrn, grouped_conv_implementation, lrn_implementation,
+                 dense_implementation):
+        self.init, self.lrn = init, lrn
+        self.grouped_conv_implementation = grouped_conv_implementation
+        self.lrn_implementation = lrn_implementation
+        self.dense_implementation = dense_implementation
+
+    def conv(self, x, filters, kernel_size, name, strides=1, padding="same", groups=1):
+        kernel_init, bias_init = _initializers(self.init, name)
+        kwargs = dict(strides=strides, padding=padding, activation="relu",
+                      kernel_initializer=kernel_init, bias_initializer=bias_init, name=name)
         if groups > 1:
-            return GroupedConv2D(
-                filters,
-                kernel_size,
-                groups=groups,
-                implementation=grouped_conv_implementation,
-                **kwargs,
-            )(x)
+            return GroupedConv2D(filters, kernel_size, groups=groups,
+                                 implementation=self.grouped_conv_implementation, **kwargs)(x)
         return keras.layers.Conv2D(filters, kernel_size, **kwargs)(x)
 
-    def norm(x, layer_name):
-        if lrn is None:
+    def norm(self, x, name):
+        if self.lrn is None:
             return x
         return LocalResponseNormalization.from_preset(
-            lrn, implementation=lrn_implementation, name=layer_name)(x)
+            self.lrn, implementation=self.lrn_implementation, name=name)(x)
 
-    def pool(x, layer_name, padding="valid"):
+    def pool(self, x, name, padding="valid"):
         # Overlapping pooling, paper §3.4: z=3, s=2.
-        return keras.layers.MaxPool2D(pool_size=3, strides=2, padding=padding, name=layer_name)(x)
+        return keras.layers.MaxPool2D(pool_size=3, strides=2, padding=padding, name=name)(x)
 
-    inputs = keras.Input(shape=tuple(input_shape), name="image")
-    if variant in ("paper", "single_tower"):
-        groups = 2 if variant == "paper" else 1
-        x = conv(inputs, 96, 11, "conv1", strides=4, padding="valid")
-        x = pool(norm(x, "lrn1"), "pool1")
-        x = conv(x, 256, 5, "conv2", groups=groups)
-        x = pool(norm(x, "lrn2"), "pool2")
-        x = conv(x, 384, 3, "conv3")  # paper §3.5: conv3 sees both towers
-        x = conv(x, 384, 3, "conv4", groups=groups)
-        x = conv(x, 256, 3, "conv5", groups=groups)
-        x = pool(x, "pool5")
-        hidden = (4096, 4096)
-    elif variant == "one_weird_trick":
-        x = keras.layers.ZeroPadding2D(2, name="pad1")(inputs)
-        x = conv(x, 64, 11, "conv1", strides=4, padding="valid")
-        x = pool(x, "pool1")
-        x = conv(x, 192, 5, "conv2")
-        x = pool(x, "pool2")
-        x = conv(x, 384, 3, "conv3")
-        x = conv(x, 256, 3, "conv4")
-        x = conv(x, 256, 3, "conv5")
-        x = pool(x, "pool5")
-        if include_top:
-            x = keras.layers.AdaptiveAveragePooling2D((6, 6), name="avgpool")(x)
-        hidden = (4096, 4096)
-    elif variant == "cifar":  # tensorflow/models tutorials/image/cifar10 (SAME padding throughout)
-        x = conv(inputs, 64, 5, "conv1")
-        x = norm(pool(x, "pool1", padding="same"), "lrn1")
-        x = conv(x, 64, 5, "conv2")
-        x = pool(norm(x, "lrn2"), "pool2", padding="same")
-        hidden = (384, 192)
-    else:  # small: as the seed write-up prints it; 32 -> 28 -> 13 -> 9 -> 4, and 4*4*64 = 1024
-        x = pool(conv(inputs, 64, 5, "conv1", padding="valid"), "pool1")
-        x = pool(conv(x, 64, 5, "conv2", padding="valid"), "pool2")
-        hidden = (384, 192)
-        dropout = 0.0
+    def dense(self, x, units, name, **kwargs):
+        kernel_init, bias_init = _initializers(self.init, name)
+        return alexnet_layers.Dense(units, implementation=self.dense_implementation,
+                                    kernel_initializer=kernel_init, bias_initializer=bias_init,
+                                    name=name, **kwargs)(x)
 
+
+# The features of each variant, conv1 to its last pooling: (features, fc6 and fc7 widths).
+
+
+def _two_tower_features(b, inputs, include_top, groups=2):
+    x = b.conv(inputs, 96, 11, "conv1", strides=4, padding="valid")
+    x = b.pool(b.norm(x, "lrn1"), "pool1")
+    x = b.conv(x, 256, 5, "conv2", groups=groups)
+    x = b.pool(b.norm(x, "lrn2"), "pool2")
+    x = b.conv(x, 384, 3, "conv3")  # paper §3.5: conv3 sees both towers
+    x = b.conv(x, 384, 3, "conv4", groups=groups)
+    x = b.conv(x, 256, 3, "conv5", groups=groups)
+    return b.pool(x, "pool5"), (4096, 4096)
+
+
+def _one_weird_trick_features(b, inputs, include_top):
+    x = keras.layers.ZeroPadding2D(2, name="pad1")(inputs)
+    x = b.pool(b.conv(x, 64, 11, "conv1", strides=4, padding="valid"), "pool1")
+    x = b.pool(b.conv(x, 192, 5, "conv2"), "pool2")
+    x = b.conv(x, 384, 3, "conv3")
+    x = b.conv(x, 256, 3, "conv4")
+    x = b.pool(b.conv(x, 256, 3, "conv5"), "pool5")
     if include_top:
-        x = keras.layers.Flatten(name="flatten")(x)
-        for layer_name, units in zip(("fc6", "fc7"), hidden):
-            kernel_init, bias_init = _initializers(init, layer_name)
-            x = alexnet_layers.Dense(
-                units,
-                implementation=dense_implementation,
-                activation="relu",
-                kernel_initializer=kernel_init,
-                bias_initializer=bias_init,
-                name=layer_name,
-            )(x)
-            if dropout:
-                x = keras.layers.Dropout(dropout, name=layer_name.replace("fc", "drop"))(x)
-        kernel_init, bias_init = _initializers(init, "fc8")
-        policy = keras.config.dtype_policy()
-        x = alexnet_layers.Dense(
-            num_classes,
-            implementation=dense_implementation,
-            kernel_initializer=kernel_init,
-            bias_initializer=bias_init,
-            # float32 logits under mixed precision: softmax/cross-entropy are unstable in float16.
-            dtype="float32" if policy.compute_dtype != policy.variable_dtype else None,
-            name="fc8",
-        )(x)
-    return keras.Model(inputs, x, name=name or f"alexnet_{variant}")
+        x = keras.layers.AdaptiveAveragePooling2D((6, 6), name="avgpool")(x)
+    return x, (4096, 4096)
+
+
+def _cifar_features(b, inputs, include_top):
+    # tensorflow/models tutorials/image/cifar10 (SAME padding throughout).
+    x = b.conv(inputs, 64, 5, "conv1")
+    x = b.norm(b.pool(x, "pool1", padding="same"), "lrn1")
+    x = b.conv(x, 64, 5, "conv2")
+    return b.pool(b.norm(x, "lrn2"), "pool2", padding="same"), (384, 192)
+
+
+def _small_features(b, inputs, include_top):
+    # As the seed write-up prints it: 32 -> 28 -> 13 -> 9 -> 4, and 4*4*64 = 1024.
+    x = b.pool(b.conv(inputs, 64, 5, "conv1", padding="valid"), "pool1")
+    return b.pool(b.conv(x, 64, 5, "conv2", padding="valid"), "pool2"), (384, 192)
+
+
+_FEATURES = {
+    "paper": _two_tower_features,
+    "single_tower": lambda b, inputs, include_top: _two_tower_features(b, inputs, include_top, 1),
+    "one_weird_trick": _one_weird_trick_features,
+    "cifar": _cifar_features,
+    "small": _small_features,
+}
+
+
+def _head(b, x, hidden, dropout, num_classes):
+    """fc6 and fc7 (ReLU, each followed by dropout), and fc8's logits."""
+    x = keras.layers.Flatten(name="flatten")(x)
+    for name, units in zip(("fc6", "fc7"), hidden):
+        x = b.dense(x, units, name, activation="relu")
+        if dropout:
+            x = keras.layers.Dropout(dropout, name=name.replace("fc", "drop"))(x)
+    policy = keras.config.dtype_policy()
+    # float32 logits under mixed precision: softmax/cross-entropy are unstable in float16.
+    return b.dense(x, num_classes, "fc8",
+                   dtype="float32" if policy.compute_dtype != policy.variable_dtype else None)
 
 
 def crop_averaged_probabilities(model, crops):
