@@ -164,11 +164,9 @@ class GroupedConv2D(keras.layers.Conv2D):
                             padding=self.padding.upper(), dilations=[1, *self.dilation_rate, 1])
 
     def convolution_op(self, inputs, kernel):
-        """The convolution alone (no bias, no activation): grouped kernel or concatenated towers."""
-        if self.groups == 1 or self.implementation == "native":
-            return self._conv(inputs, kernel)
-        towers = zip(tf.split(inputs, self.groups, axis=-1), tf.split(kernel, self.groups, axis=-1))
-        return tf.concat([self._conv(x, k) for x, k in towers], axis=-1)
+        """Keras' Conv2D.call convolves through this: one tf.nn.conv2d, of the grouped kernel
+        with "native" (call() computes the towers itself with "split")."""
+        return self._conv(inputs, kernel)
 
     def call(self, inputs):
         if self.groups == 1 or self.implementation == "native":
