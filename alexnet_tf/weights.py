@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from alexnet_tf import preprocessing
+from alexnet_tf import model as model_lib, preprocessing
 from alexnet_tf.lrn import LRN_PRESETS, LocalResponseNormalization
 
 LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -42,13 +42,20 @@ _TORCHVISION_LAYERS = {
 }
 
 
+# The models the imported weights were trained in: BVLC's two towers with Caffe's LRN, and
+# torchvision's layout (which has no LRN).
+CAFFE_VARIANT, CAFFE_LRN = "paper", "caffe"
+TORCHVISION_VARIANT = "one_weird_trick"
+
+
 class WeightsError(ValueError):
     """A weights file that cannot be read, is refused, or does not fit the model."""
 
 
 def caffe_preprocess_config(**overrides):
     """The `PreprocessConfig` BVLC AlexNet was trained with: BGR, Caffe's mean, no std."""
-    fields = dict(image_size=227, resize_size=preprocessing.resize_size_for(227), channels=3,
+    size = model_lib.DEFAULT_IMAGE_SIZE[CAFFE_VARIANT]
+    fields = dict(image_size=size, resize_size=preprocessing.resize_size_for(size), channels=3,
                   mean=preprocessing.CAFFE_MEAN_BGR, bgr=True)
     fields.update(overrides)
     return preprocessing.PreprocessConfig(**fields)
@@ -56,7 +63,8 @@ def caffe_preprocess_config(**overrides):
 
 def torchvision_preprocess_config(**overrides):
     """The `PreprocessConfig` torchvision's AlexNet expects: RGB, ImageNet mean and std."""
-    fields = dict(image_size=224, resize_size=preprocessing.resize_size_for(224), channels=3,
+    size = model_lib.DEFAULT_IMAGE_SIZE[TORCHVISION_VARIANT]
+    fields = dict(image_size=size, resize_size=preprocessing.resize_size_for(size), channels=3,
                   mean=preprocessing.TORCHVISION_MEAN, std=preprocessing.TORCHVISION_STD)
     fields.update(overrides)
     return preprocessing.PreprocessConfig(**fields)
@@ -156,7 +164,7 @@ def load_caffe_npy(model, path, trust=False, exclude=(), new_head=False):
         >>> load_caffe_npy(model, "bvlc_alexnet.npy", trust=True)  # doctest: +SKIP
     """
     weights = read_caffe_npy(path, trust)
-    _check_lrn(model, "caffe", path)
+    _check_lrn(model, CAFFE_LRN, path)
     missing = [name for name in LAYER_NAMES if name not in weights and name not in exclude]
     if missing:
         raise WeightsError(f"{path}: no weights for {', '.join(missing)}")
@@ -283,9 +291,9 @@ class WeightFormat:
 
 
 WEIGHT_FORMATS = (
-    WeightFormat("Caffe", (".npy",), load_caffe_npy, pickled=True, variant="paper", lrn="caffe",
-                 preprocess=caffe_preprocess_config),
-    WeightFormat("torchvision", (".pth", ".pt"), load_torchvision, variant="one_weird_trick",
+    WeightFormat("Caffe", (".npy",), load_caffe_npy, pickled=True, variant=CAFFE_VARIANT,
+                 lrn=CAFFE_LRN, preprocess=caffe_preprocess_config),
+    WeightFormat("torchvision", (".pth", ".pt"), load_torchvision, variant=TORCHVISION_VARIANT,
                  preprocess=torchvision_preprocess_config),
     WeightFormat("Keras", (".keras",), load_keras),
 )
