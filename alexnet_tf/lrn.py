@@ -62,8 +62,8 @@ def fused_lrn(depth_radius, bias, alpha, beta):
     `tf.nn.local_response_normalization` (to float32 rounding).
 
     TensorFlow's CPU `LRNGrad` kernel is a slow scalar loop: in the paper model the two LRN
-    layers' forward + backward took a large share of a training step (BENCHMARKS.md). With d = bias + alpha * S,
-    S = window sum of x**2 and y = x * d**-beta, the gradient is
+    layers' forward + backward took a large share of a training step (BENCHMARKS.md). With
+    d = bias + alpha * S, S = window sum of x**2 and y = x * d**-beta, the gradient is
         dx = g * d**-beta - 2 * alpha * beta * x * window_sum(g * y / d),
     two fused passes with the forward's d**-beta and y / d kept.
 
