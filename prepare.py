@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from alexnet_tf import cli, data, prepare, preprocessing  # noqa: E402
+from alexnet_tf import cli, prepare, preprocessing, sources  # noqa: E402
 
 flags.DEFINE_string("dataset", None, "A photo source as train.py takes it: folder:<path>, "
                     "tfds:<name> or tfrecord:<glob>.", required=True)
@@ -44,7 +44,7 @@ def main(argv):
                         records_per_shard=FLAGS.records_per_shard, max_pixels=FLAGS.max_pixels,
                         num_classes=FLAGS.num_classes, one_based_labels=FLAGS.one_based_labels,
                         splits=FLAGS.splits)
-    except (prepare.PrepareError, data.DataError, OSError, *cli.TF_FILE_ERRORS) as e:
+    except (prepare.PrepareError, sources.DataError, OSError, *cli.TF_FILE_ERRORS) as e:
         cli.exit_with_error("prepare.py", e)
     print(f"prepared {FLAGS.output_dir}; train with --dataset=prepared:{FLAGS.output_dir}")
 

@@ -1,6 +1,7 @@
 """Train AlexNet from the command line: python train.py --flagfile=configs/<recipe>.cfg
 
-This file holds the flags and main() only; the work is in alexnet_tf.training.
+This file holds the flags and main() only: the settings are alexnet_tf.train_config's, the work
+is alexnet_tf.training's.
 """
 
 import dataclasses
@@ -15,13 +16,13 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags, logging  # noqa: E402
 
-from alexnet_tf import cli, data, keras_compat, training  # noqa: E402
+from alexnet_tf import cli, keras_compat, sources, train_config, training  # noqa: E402
 
 
 def _define_flags():
     """One flag per TrainConfig field, with its default, help and choices (DEFINE_enum refuses
     other values, listing them)."""
-    for field in dataclasses.fields(training.TrainConfig):
+    for field in dataclasses.fields(train_config.TrainConfig):
         default, help_text = field.default, field.metadata["help"]
         kind = next(t for t in typing.get_args(field.type) or (field.type,) if t is not NoneType)
         if field.metadata["choices"]:
@@ -39,8 +40,8 @@ FLAGS = flags.FLAGS
 
 
 def config_from_flags():
-    return training.TrainConfig(
-        **{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(training.TrainConfig)})
+    return train_config.TrainConfig(
+        **{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(train_config.TrainConfig)})
 
 
 def main(argv):
@@ -49,7 +50,7 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     try:
         training.train_and_evaluate(config_from_flags(), FLAGS.workdir)
-    except (training.TrainingError, data.DataError, keras_compat.KerasCompatibilityError,
+    except (train_config.TrainingError, sources.DataError, keras_compat.KerasCompatibilityError,
             OSError, *cli.TF_FILE_ERRORS) as e:
         cli.exit_with_error("train.py", e)
 

@@ -2,8 +2,8 @@
 
 A run can die at any moment (kill -9, a full disk, a lost machine), including while it writes.
 `Backup` writes every file under a name nothing reads yet and makes it current with one atomic
-rename, so a rerun finds the last complete state; `AtomicModelCheckpoint` does the same for the
-checkpoints export.py reads.
+rename, so a rerun finds the last complete state; `keras_compat.AtomicModelCheckpoint` does the
+same for the checkpoints export.py reads.
 """
 
 import json
@@ -181,22 +181,3 @@ class Backup(keras.callbacks.Callback):
         kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < epoch]
         if kept != lines:
             _replace_atomically(self.history_csv, "".join(kept))
-
-
-class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """ModelCheckpoint that writes beside its file and renames into place: a crash mid-write
-    leaves the previous checkpoint whole."""
-
-    def _save_model(self, epoch, batch, logs):
-        final = self.filepath
-        directory, name = os.path.split(final)
-        temporary = os.path.join(directory, f".tmp-{name}")  # keeps the .keras ending
-        if os.path.exists(temporary):
-            os.remove(temporary)  # left by a crash
-        self.filepath = temporary
-        try:
-            super()._save_model(epoch, batch, logs)
-        finally:
-            self.filepath = final
-        if os.path.exists(temporary):  # not written when save_best_only saw no improvement
-            os.replace(temporary, final)

@@ -19,7 +19,7 @@ import os
 import keras
 import tensorflow as tf
 
-from alexnet_tf import data, serving
+from alexnet_tf import data, scans, serving, sources
 from alexnet_tf.layers import standard_ops
 from alexnet_tf.rundir import RunDir, RunDirError
 
@@ -118,11 +118,10 @@ def calibration_images(workdir, config, count=CALIBRATION_IMAGES):
             settings = json.load(f)
     except RunDirError as e:
         raise serving.ExportError(str(e)) from None
-    source_args = data.saved_source_args(settings)
-    data.check_split(settings["dataset"], "train", 1, "int8 calibration", config.max_pixels,
-                     **source_args)
-    dataset, _ = data.make_dataset(settings["dataset"], "train", False, count, config,
-                                   order_seed=0, **source_args)
+    source = sources.saved_source(settings)
+    scans.check_split(source, "train", 1, "int8 calibration", config.max_pixels)
+    dataset, _ = data.make_dataset(source, "train", False, count, config,
+                                   data.Options(order_seed=0))
     images, _ = next(iter(dataset))
     return images.numpy()
 

@@ -7,7 +7,7 @@ import collections
 
 import tensorflow as tf
 
-from alexnet_tf import preprocessing
+from alexnet_tf import image_bytes
 
 # Why a record is skipped. INCOMPLETE, OVERSIZED and NOT_JPEG are read from the bytes without
 # decoding them (`status`); UNDECODABLE is a decoding that raised (`decoded_or_skipped`);
@@ -28,10 +28,10 @@ def status(encoded, max_pixels, jpeg_only=False):
     numbers, end marker and header only: whole JPEG or PNG files within the pixel budget pass.
     `jpeg_only`: PNG bytes are refused too, for pipelines that decode JPEG with no format branch
     (a tf.cond per image is one more sequential step per image in tf.data)."""
-    complete = preprocessing.looks_complete(encoded)
+    complete = image_bytes.looks_complete(encoded)
     # The header of bytes cut short may itself be cut, and unparsable: it is not read.
-    header = tf.where(complete, encoded, preprocessing.ONE_PIXEL_JPEG)
-    oversized = preprocessing.header_pixels(header) > max_pixels
+    header = tf.where(complete, encoded, image_bytes.ONE_PIXEL_JPEG)
+    oversized = image_bytes.header_pixels(header) > max_pixels
     code = tf.where(oversized, OVERSIZED, OK)
     if jpeg_only:
         code = tf.where(tf.io.is_jpeg(encoded), code, NOT_JPEG)

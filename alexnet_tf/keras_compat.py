@@ -1,14 +1,17 @@
 """Every use of a Keras or TensorFlow internal, in one place: work-arounds for two Keras bugs,
-applied around `fit` and `evaluate` and undone afterwards, and the question TensorFlow has no
-public answer to (are its oneDNN CPU kernels on?).
+applied around `fit` and `evaluate` and undone afterwards; checkpoints written atomically, which
+ModelCheckpoint has no public hook for; and the question TensorFlow has no public answer to (are
+its oneDNN CPU kernels on?).
 
-Checked with Keras 3.13 and 3.15 (TensorFlow backend) and TensorFlow 2.20 and 2.21, the lowest
-and newest versions the tests run on. Each use first checks that the internal it relies on is
-there, and fails with `KerasCompatibilityError`, naming the version, when a release has renamed
-it: a work-around that silently stopped working would bring its bug back unnoticed.
+Checked with the Keras (TensorFlow backend) and TensorFlow versions that CHECKED_KERAS_VERSIONS
+and CHECKED_TENSORFLOW_VERSIONS name, the lowest and newest the tests run on. Each use first
+checks that the internal it relies on is there, and fails with `KerasCompatibilityError`, naming
+the version, when a release has renamed it: a work-around that silently stopped working would
+bring its bug back unnoticed.
 """
 
 import contextlib
+import os
 
 import keras
 import tensorflow as tf
@@ -103,3 +106,29 @@ def fit_work_arounds(model, strategy, data_batch):
     """Both work-arounds, for the duration of a run's `fit` and `evaluate` calls."""
     with built_before_fit(model, strategy, data_batch), scalar_metrics_across_workers(strategy):
         yield
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that writes beside its file and renames into place: a crash mid-write
+    leaves the previous checkpoint whole. Keras' own writes the file in place, through
+    `_save_model`, the one method that knows the path at the time of writing; it is overridden
+    here, once its presence is checked."""
+
+    def __init__(self, filepath, **kwargs):
+        _require(keras.callbacks.ModelCheckpoint, "_save_model",
+                 "write checkpoints beside their file and rename them into place")
+        super().__init__(filepath, **kwargs)
+
+    def _save_model(self, epoch, batch, logs):
+        final = self.filepath
+        directory, name = os.path.split(final)
+        temporary = os.path.join(directory, f".tmp-{name}")  # keeps the .keras ending
+        if os.path.exists(temporary):
+            os.remove(temporary)  # left by a crash
+        self.filepath = temporary
+        try:
+            super()._save_model(epoch, batch, logs)
+        finally:
+            self.filepath = final
+        if os.path.exists(temporary):  # not written when save_best_only saw no improvement
+            os.replace(temporary, final)

@@ -11,10 +11,10 @@ TFRecord shards `{split}-NNNNN-of-MMMMM` with tensorflow/models' ImageNet keys:
     image/class/text    the class name
     image/filename      where the image came from
 
-and `dataset.json` (data.PREPARED_DESCRIPTION): class names, records and shards per split, the
-source, the resolution, every file skipped and why, and the eigen-pairs of the covariance of all
-training pixels (paper §4.1), accumulated in the same pass. dataset.json is written last: a
-directory without it is unfinished.
+and `dataset.json` (source_files.PREPARED_DESCRIPTION): class names, records and shards per
+split, the source, the resolution, every file skipped and why, and the eigen-pairs of the
+covariance of all training pixels (paper §4.1), accumulated in the same pass. dataset.json is
+written last: a directory without it is unfinished.
 
 Resumable: each shard is written under a temporary name, its statistics are saved beside it in
 `.progress/`, and then it is renamed; a rerun keeps finished shards and redoes the rest. The
@@ -33,15 +33,13 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import data, guard, preprocessing
+from alexnet_tf import guard, pca, preprocessing, source_files, sources
 
 RESOLUTION = 256  # paper §2
-# JPEG quality of the prepared images. benchmarks/prepare_quality.py (BENCHMARKS.md, "Input
-# pipelines") measured 39.2 dB PSNR and a mean error of 2.0 levels at 90, against 41.5 dB and
-# 1.5 at 98 for twice the bytes; the error is below the PCA lighting's own shift (std ~5.5
-# levels along the first eigenvector), and fewer bytes decode faster.
+# JPEG quality of the prepared images: its error is below the PCA lighting's own shift, and
+# fewer bytes decode faster (benchmarks/prepare_quality.py; BENCHMARKS.md, "Input pipelines").
 DEFAULT_QUALITY = 90
-RECORDS_PER_SHARD = 1024  # about 25-30 MB of 256 x 256 JPEGs; ImageNet's train split: 1,252 shards
+RECORDS_PER_SHARD = 1024  # ImageNet's 1,281,167 training images: 1,252 shards
 SPLITS = ("train", "validation")
 ORDER_SEED = 20120  # the fixed order of the training records (any constant)
 PROGRESS = ".progress"
@@ -76,7 +74,7 @@ class _Totals:
         """Eigen-pairs of the covariance of every pixel counted, in [0, 1] (paper §4.1)."""
         mean = np.asarray(self.pixel_sum) / self.pixels
         covariance = np.asarray(self.pixel_products) / self.pixels - np.outer(mean, mean)
-        return preprocessing.eigen_pairs(covariance)
+        return pca.eigen_pairs(covariance)
 
 
 def _rescaled(image, keep_frame):
@@ -184,18 +182,17 @@ def _duration(seconds):
 def _prepare_split(source, split, output_dir, quality, keep_frame, records_per_shard,
                    max_pixels, data_dir, num_classes, one_based_labels, out, settings):
     training = split == "train"
-    ds, info = data.load_source(source, split, data_dir, num_classes=num_classes,
-                                one_based_labels=one_based_labels, deterministic=True,
-                                order_seed=ORDER_SEED if training else None)
-    if info.kind is data.SourceKind.IDX or info.small_images:
+    reader = sources.Source(source, data_dir, num_classes, one_based_labels)
+    info = reader.info(split)
+    ds = reader.records(split, deterministic=True, order_seed=ORDER_SEED if training else None)
+    if info.kind is sources.SourceKind.IDX or info.small_images:
         raise PrepareError(f"{source} holds small images ({info.image_size}); train on it "
                            "directly, it needs no preparing")
-    if info.kind is data.SourceKind.PREPARED:
+    if info.kind is sources.SourceKind.PREPARED:
         raise PrepareError(f"{source} is prepared already")
     total = info.num_examples if info.num_examples is not None else _count(ds)
     names = _shard_names(split, max(1, math.ceil(total / records_per_shard)))
-    class_names = (info.class_names if num_classes is None or num_classes == info.num_classes
-                   else [str(i) for i in range(num_classes)])
+    class_names = sources.class_names_for(info.class_names, num_classes or info.num_classes)
     finished = {name: _finished_shard(output_dir, name) for name in names}
     todo = [i for i, name in enumerate(names) if finished[name] is None]
     if todo:
@@ -274,11 +271,11 @@ def _write_shards(ds, info, source, names, finished, first, total, records_per_s
         totals = shards.totals
         totals.bytes_in += int(size)
         if status != guard.OK:
-            name = origin if info.kind is data.SourceKind.FOLDER else f"{origin} record {index}"
+            name = origin if info.kind is sources.SourceKind.FOLDER else f"{origin} record {index}"
             totals.skipped.append({"file": name, "reason": guard.REASONS[int(status)]})
             continue
         filename = (os.path.relpath(origin, source.partition(":")[2])
-                    if info.kind is data.SourceKind.FOLDER else f"{origin}:{index}")
+                    if info.kind is sources.SourceKind.FOLDER else f"{origin}:{index}")
         shards.writer.write(_example(jpeg, int(height), int(width), int(label),
                                      class_names[int(label)], filename))
         totals.add(_Totals(records=1, bytes_out=len(jpeg), pixels=int(height) * int(width),
@@ -335,13 +332,13 @@ def prepare(source, output_dir, data_dir=None, quality=DEFAULT_QUALITY, keep_fra
     settings = {"source": source, "quality": quality, "keep_frame": keep_frame,
                 "records_per_shard": records_per_shard, "max_pixels": max_pixels}
     _check_settings(output_dir, settings)
-    description_path = os.path.join(output_dir, data.PREPARED_DESCRIPTION)
+    description_path = os.path.join(output_dir, source_files.PREPARED_DESCRIPTION)
     if os.path.exists(description_path):
         os.remove(description_path)  # unfinished again until this run completes
     for stale in glob.glob(os.path.join(output_dir, ".*.tmp")):
         os.remove(stale)  # a shard a killed run was writing
     description = {
-        "format": data.PREPARED_FORMAT,
+        "format": source_files.PREPARED_FORMAT,
         "source": source,
         "resolution": RESOLUTION,
         "keep_frame": keep_frame,

@@ -1,4 +1,6 @@
-"""Image preprocessing of paper §4.1: training crops, flips and PCA lighting; eval and 10-crop.
+"""Image preprocessing of paper §4.1: the PreprocessConfig that parametrises it, training crops,
+flips and PCA lighting; eval and 10-crop. (Reading encoded bytes: image_bytes; the Keras layers:
+preprocessing_layers; eigen-pairs of a user's data: pca.)
 
 Every op takes one image (or encoded bytes) and works both eagerly and inside `tf.data.map`.
 Images are float32 in [0, 255] until `normalize`. The evaluation functions here are the ones the
@@ -8,9 +10,9 @@ exported serving signatures call, so training and serving cannot drift apart.
 import dataclasses
 import json
 
-import keras
-import numpy as np
 import tensorflow as tf
+
+from alexnet_tf.image_bytes import decode, is_encoded
 
 # Per-channel statistics in [0, 255] that models are trained with; every one of them lives here.
 # ImageNet's RGB mean as VGG's Caffe models subtract it (BGR 103.939, 116.779, 123.68): this
@@ -33,7 +35,10 @@ IMAGENET_EIGVEC = (
     (-0.5836, -0.6948, 0.4203),
 )
 PCA_ALPHA_STD = 0.1  # paper §4.1: "Gaussian with mean zero and standard deviation 0.1"
+# The training crops, each cut by its function (random_crop). The photo crops are what train.py's
+# --crop chooses from; "pad" is the one for small images.
 CROP_SCHEMES = ("paper", "inception", "pad")
+PHOTO_CROP_SCHEMES = CROP_SCHEMES[:2]
 # The most pixels an image may declare in its header for the pipelines and the exported
 # signatures to decode it. Decoding allocates height x width x channels bytes and the float32
 # copy four times that: about 0.6 GB at the limit. 40 MP (7,300 x 5,500) is beyond the photographs
@@ -105,79 +110,13 @@ class PreprocessConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding
+# Resizing
 
 
 def resize_size_for(image_size):
     """The shorter side a photo is resized to before an image_size crop: 256 for the paper's 224
     and Caffe's 227 (paper §2: images down-sampled to 256 x 256), in proportion for other sizes."""
     return 256 if image_size in (224, 227) else round(image_size * 256 / 227)
-
-
-def is_encoded(image):
-    """True for a scalar string tensor (encoded JPEG/PNG), False for a decoded image."""
-    return tf.convert_to_tensor(image).dtype == tf.string
-
-
-def decode(encoded, channels):
-    """Decodes JPEG/PNG bytes to float32 [H, W, channels] in [0, 255]."""
-    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-    return tf.cast(image, tf.float32)
-
-
-# The smallest JPEG header tf.io.extract_jpeg_shape reads (SOI, a 1x1 SOF0, SOS, EOI). It stands
-# in for bytes that are not JPEG, so that reading the header takes no tf.cond (header_pixels).
-ONE_PIXEL_JPEG = (b"\xff\xd8\xff\xc0\x00\x0b\x08\x00\x01\x00\x01\x01\x01\x11\x00"
-                   b"\xff\xda\x00\x08\x01\x01\x00\x00?\x00\xff\xd9")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def header_pixels(encoded):
-    """Height x width (int64) that JPEG or PNG bytes declare, read from the header without
-    decoding: JPEG's SOF marker (tf.io.extract_jpeg_shape), PNG's IHDR chunk. -1 for bytes in
-    neither format. A JPEG whose header cannot be parsed raises InvalidArgumentError."""
-    encoded = tf.convert_to_tensor(encoded)
-    jpeg = tf.io.is_jpeg(encoded)
-    jpeg_shape = tf.io.extract_jpeg_shape(tf.where(jpeg, encoded, ONE_PIXEL_JPEG), tf.int64)
-    # PNG: the signature, then IHDR (length, type, width, height): big-endian uint32s at 16-23.
-    header = tf.strings.substr(tf.strings.join([encoded, b"\0" * 24]), 0, 24)
-    ihdr = tf.cast(tf.io.decode_raw(header, tf.uint8)[16:24], tf.int64)
-    big_endian = tf.constant([2**24, 2**16, 2**8, 1], tf.int64)
-    png_pixels = tf.reduce_sum(ihdr[:4] * big_endian) * tf.reduce_sum(ihdr[4:] * big_endian)
-    png = tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE)
-    return tf.where(jpeg, jpeg_shape[0] * jpeg_shape[1],
-                    tf.where(png, png_pixels, tf.constant(-1, tf.int64)))
-
-
-def checked(encoded, max_pixels):
-    """`encoded` once its header shows a JPEG or PNG of at most max_pixels pixels, else an
-    InvalidArgumentError (before anything is decoded) saying which limit it broke."""
-    pixels = header_pixels(encoded)
-    known = tf.debugging.Assert(pixels >= 0, ["not a JPEG or PNG image"])
-    with tf.control_dependencies([known]):
-        small = tf.debugging.Assert(pixels <= max_pixels, [tf.strings.format(
-            "image of {} pixels is over the limit of {} pixels (export.py --max_pixels)",
-            [pixels, max_pixels])])
-    with tf.control_dependencies([small]):
-        return tf.identity(encoded)
-
-
-def looks_complete(encoded):
-    """Cheap in-graph check that bytes are a whole JPEG or PNG file (magic and end marker); of
-    one string or, element by element, of a vector of them.
-
-    Zero-byte, non-image and truncated files fail it, so they can be skipped and counted
-    instead of stopping an epoch with a decode error.
-    """
-    size = tf.strings.length(encoded)
-    tail2 = tf.strings.substr(encoded, tf.maximum(size - 2, 0), tf.fill(tf.shape(size), 2))
-    tail8 = tf.strings.substr(encoded, tf.maximum(size - 8, 0), tf.fill(tf.shape(size), 8))
-    jpeg = tf.logical_and(tf.io.is_jpeg(encoded), tf.equal(tail2, b"\xff\xd9"))
-    png = tf.logical_and(
-        tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_SIGNATURE),
-        tf.equal(tail8, b"IEND\xaeB`\x82"),
-    )
-    return tf.logical_and(size > 0, tf.logical_or(jpeg, png))
 
 
 def _window_resized(image, window_fn, config, jpeg=False):
@@ -347,7 +286,7 @@ def random_crop(image, seed, config, jpeg=False):
     """The training crop of one image by `config.crop`: "paper", "inception" or "pad".
 
     `jpeg=True` promises JPEG bytes (no format branch; other bytes fail to decode)."""
-    crop = {"paper": paper_crop, "inception": inception_crop, "pad": pad_crop}[config.crop]
+    crop = dict(zip(CROP_SCHEMES, (paper_crop, inception_crop, pad_crop)))[config.crop]
     image = crop(tf.convert_to_tensor(image), seed, config, jpeg=jpeg)
     return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
 
@@ -517,132 +456,3 @@ def to_uint8(images):
     return tf.saturate_cast(tf.round(images), tf.uint8)
 
 
-# --------------------------------------------------------------------------------------------
-# PCA lighting outside the pipeline, and eigen-pairs from a user's data
-
-
-@keras.saving.register_keras_serializable(package="alexnet_tf")
-class PCALighting(keras.layers.Layer):
-    """Keras preprocessing layer for the paper's PCA colour augmentation (§4.1).
-
-    Active only with `training=True` (like `keras.layers.RandomFlip`), so it can sit at the
-    front of a model or in a `tf.data` map of a user's own `model.fit` pipeline.
-
-    Args:
-        eigval, eigvec: eigen-pairs for RGB in [0, 1] (default: ImageNet, fb.resnet.torch).
-        alpha_std: standard deviation of the per-image coefficients (paper: 0.1).
-        pixel_scale: pixel range of the inputs (255 for [0, 255], 1 for [0, 1]).
-        seed: optional int seed.
-
-    Example:
-        >>> layer = PCALighting()
-        >>> layer(tf.zeros([2, 8, 8, 3]), training=True).shape
-        TensorShape([2, 8, 8, 3])
-    """
-
-    def __init__(
-        self,
-        eigval=IMAGENET_EIGVAL,
-        eigvec=IMAGENET_EIGVEC,
-        alpha_std=PCA_ALPHA_STD,
-        pixel_scale=255.0,
-        seed=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.eigval = tuple(float(v) for v in eigval)
-        self.eigvec = tuple(tuple(float(v) for v in row) for row in eigvec)
-        self.alpha_std = float(alpha_std)
-        self.pixel_scale = float(pixel_scale)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, inputs, training=False):
-        if not training:
-            return inputs
-        batch_shape = tf.shape(inputs)[:-3]
-        alpha = keras.random.normal(
-            tf.concat([batch_shape, [3]], 0), stddev=self.alpha_std, seed=self.seed_generator
-        )
-        shifted = pca_lighting(inputs, alpha, self.eigval, self.eigvec, self.pixel_scale)
-        return tf.cast(shifted, self.compute_dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            eigval=self.eigval,
-            eigvec=self.eigvec,
-            alpha_std=self.alpha_std,
-            pixel_scale=self.pixel_scale,
-            seed=self.seed,
-        )
-        return config
-
-
-class InputStage(keras.layers.Layer):
-    """The device side of the input pipeline: uint8 crops in, model inputs out.
-
-    With `make_dataset(..., device_stage=True)` the host stops at uint8 crops (4x fewer bytes
-    than float32 to copy to an accelerator) and this stage runs first in each training and
-    evaluation step, on the device: the float cast, and in training only the random horizontal
-    flip and PCA lighting (paper §4.1); then normalisation (`normalize`). It is not part of the
-    model, so exported models keep their serving preprocessing (`eval_image` on encoded bytes).
-
-    Args:
-        config: the run's `PreprocessConfig` (flip, eigen-pairs, mean/std, BGR).
-        seed: optional int seed of the flips and lighting coefficients.
-
-    Inputs are [B, H, W, C] in [0, 255]; in inference also [B, 10, H, W, C] (ten-crop views).
-    """
-
-    def __init__(self, config, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        self.config = config
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, images, training=False):
-        if training:  # a batch [B, H, W, C]: the host pipeline's per-batch augmentation
-            return augment_batch(images, self.seed_generator.next(), self.config)
-        return normalize(tf.cast(images, tf.float32), self.config)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-
-def compute_pca(images, max_pixels=1_000_000, seed=0):
-    """Eigen-pairs of the RGB pixel covariance, for pixels scaled to [0, 1].
-
-    Args:
-        images: an iterable of [H, W, 3] arrays/tensors in [0, 255] (e.g. a sample of the
-            training set, decoded).
-        max_pixels: pixels sampled in total (uniformly from each image).
-        seed: sampling seed.
-
-    Returns:
-        (eigval, eigvec): eigenvalues in decreasing order and eigenvectors as columns, the layout
-        of `IMAGENET_EIGVAL` / `IMAGENET_EIGVEC`.
-    """
-    rng = np.random.default_rng(seed)
-    pixels = [np.reshape(np.asarray(image, np.float64), (-1, 3)) / 255.0 for image in images]
-    if not pixels:
-        raise ValueError("compute_pca needs at least one image")
-    per_image = max(1, max_pixels // len(pixels))
-    sample = np.concatenate(
-        [p[rng.choice(len(p), min(per_image, len(p)), replace=False)] for p in pixels]
-    )
-    return eigen_pairs(np.cov(sample, rowvar=False))
-
-
-def eigen_pairs(covariance):
-    """(eigval, eigvec) of a 3 x 3 RGB covariance in the layout of `IMAGENET_EIGVAL` /
-    `IMAGENET_EIGVEC`: eigenvalues in decreasing order, eigenvectors as columns."""
-    eigval, eigvec = np.linalg.eigh(np.asarray(covariance, np.float64))
-    order = np.argsort(eigval)[::-1]
-    eigval, eigvec = eigval[order], eigvec[:, order]
-    # Fix each eigenvector's sign (first component negative, as in the ImageNet values).
-    eigvec = eigvec * -np.sign(eigvec[0:1, :] + 1e-12)
-    return tuple(eigval.tolist()), tuple(map(tuple, eigvec.tolist()))

@@ -14,6 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from alexnet_tf import devices, model as model_lib, preprocessing
+from alexnet_tf.image_bytes import checked, decode
 from alexnet_tf.layers import standard_ops
 from alexnet_tf.rundir import RunDir, RunDirError
 
@@ -118,8 +119,7 @@ def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
         # config.max_pixels, fails with INVALID_ARGUMENT before any memory goes to decoding.
         with tf.device(devices.decode_device(devices.DeviceFacts.of_this_machine())):
             images = tf.map_fn(
-                lambda b: view(preprocessing.decode(
-                    preprocessing.checked(b, config.max_pixels), config.channels), config),
+                lambda b: view(decode(checked(b, config.max_pixels), config.channels), config),
                 image_bytes, fn_output_signature=view_spec)
         return _classify(model, images, names, top_k, ten_crop)
 

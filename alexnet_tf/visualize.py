@@ -156,7 +156,7 @@ def draw(command, workdir, output=None, checkpoint="best", count=32):
     if command == "curves":
         return plot_curves(read_history(workdir), output)
 
-    from alexnet_tf import data, preprocessing
+    from alexnet_tf import data, preprocessing, scans, sources
 
     run = RunDir(workdir)
     pre = preprocessing.PreprocessConfig.from_json(_existing(run, run.preprocessing))
@@ -171,14 +171,12 @@ def draw(command, workdir, output=None, checkpoint="best", count=32):
 
     with open(_existing(run, run.config)) as f:
         config = json.load(f)
-    source_args = data.saved_source_args(config)
+    source = sources.saved_source(config)
     # Repeated, so that a split of fewer than `count` images still fills the grid, once it is
     # known to hold one.
-    data.check_split(config["dataset"], "train", 1, "an augmentations grid", pre.max_pixels,
-                     **source_args)
-    dataset, _ = data.make_dataset(
-        config["dataset"], "train", True, count, pre, seed=config.get("seed") or 0,
-        shuffle_buffer=1000, repeat=True, **source_args)
+    scans.check_split(source, "train", 1, "an augmentations grid", pre.max_pixels)
+    dataset, _ = data.make_dataset(source, "train", True, count, pre, data.Options(
+        seed=config.get("seed") or 0, shuffle_buffer=1000, repeat=True))
     images, _ = next(iter(dataset))
     return write_png(augmentation_grid(images.numpy(), pre), output)
 
@@ -194,11 +192,11 @@ def main(argv):
     if FLAGS.workdir is None:
         print(f"visualize: error: --workdir is required. {usage}", file=sys.stderr)
         sys.exit(2)
-    from alexnet_tf import data
+    from alexnet_tf import sources
 
     try:
         path = draw(argv[1], FLAGS.workdir, FLAGS.output, FLAGS.checkpoint, FLAGS.count)
-    except (VisualizeError, data.DataError) as e:
+    except (VisualizeError, sources.DataError) as e:
         print(f"visualize: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {path}")

@@ -91,23 +91,22 @@ def main(argv):
     del argv
     import numpy as np
 
-    from alexnet_tf import data
+    from alexnet_tf import data, inputs, sources
 
     root = FLAGS.dir or tempfile.mkdtemp(prefix="alexnet_jpegs_")
     mean_bytes = common.make_jpegs(root, FLAGS.images)
     onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(TensorFlow's default)")
     print(f"{FLAGS.images} JPEGs, mean {mean_bytes / 1024:.0f} KiB; {os.cpu_count()} cores; "
           f"batch {FLAGS.batch_size}; TF_ENABLE_ONEDNN_OPTS={onednn}", flush=True)
-    source = f"prepared:{common.prepare_once(root)}"
-    _, info = data.load_source(source, "train")
-    config = data.default_preprocess_config(info, 227)
+    source = sources.Source(f"prepared:{common.prepare_once(root)}")
+    config = inputs.preprocess_config(source.info("train"))
     address, processes = start_service()
     try:
         def pipeline(compression=False):
             # The files repeat within one pipeline, so that a measurement stays inside one
             # tf.data service job (train.py starts one job per epoch; see the start-up line).
             ds, _ = data.make_dataset(source, "train", True, FLAGS.batch_size, config,
-                                      repeat=True, device_stage=True)
+                                      data.Options(repeat=True, device_stage=True))
             if compression is False:
                 return ds
             # train.py's pipeline (make_dataset's data_service) with the compression chosen.
@@ -126,7 +125,7 @@ def main(argv):
         # What each epoch pays to start: train.py's service pipeline starts a job per epoch.
         for name, service in (("in-process", None), ("service", address)):
             ds, _ = data.make_dataset(source, "train", True, FLAGS.batch_size, config,
-                                      device_stage=True, data_service=service)
+                                      data.Options(device_stage=True, data_service=service))
             starts = []
             for _ in range(FLAGS.repeats):
                 start = time.perf_counter()

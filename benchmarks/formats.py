@@ -98,14 +98,14 @@ def latency(call, batch):
 def fashion_mnist_rows(root):
     import numpy as np
 
-    from alexnet_tf import data, formats, preprocessing, serving
+    from alexnet_tf import formats, preprocessing, serving, sources
 
     model, class_names, config = serving.load_run(FLAGS.workdir, "best")
     calibration = formats.calibration_images(FLAGS.workdir, config)
     versions = export_all(model, class_names, config, os.path.join(root, "fashion_mnist"),
                           calibration)
-    images, labels = (data.read_idx(os.path.join(data.IDX_DIRS["fashion_mnist"], name))
-                      for name in data.IDX_FILES["test"])
+    images, labels = (sources.read_idx(os.path.join(sources.IDX_DIRS["fashion_mnist"], name))
+                      for name in sources.IDX_FILES["test"])
     pixels = images[..., None].astype(np.float32)
     views = preprocessing.eval_images(pixels, config).numpy()
     with open(os.path.join(FLAGS.workdir, "config.json")) as f:

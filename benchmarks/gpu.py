@@ -81,7 +81,7 @@ def part_train(workdir):
     import tensorflow as tf
 
     import alexnet_tf
-    from alexnet_tf import preprocessing, training
+    from alexnet_tf import preprocessing, preprocessing_layers, training
     from alexnet_tf.model import DEFAULT_IMAGE_SIZE
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -107,7 +107,7 @@ def part_train(workdir):
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           jit_compile=jit)
             pre = preprocessing.PreprocessConfig(image_size=size, resize_size=256)
-            training.run_input_stage(model, preprocessing.InputStage(pre, seed=0))
+            training.run_input_stage(model, preprocessing_layers.InputStage(pre, seed=0))
             with tf.device(device):  # on the device already: the step alone is timed
                 images = tf.cast(tf.random.uniform([batch, size, size, 3], 0, 256, tf.int32),
                                  tf.uint8)
@@ -212,18 +212,17 @@ def prepared_data(workdir):
 def part_input(workdir):
     import tensorflow as tf
 
-    from alexnet_tf import data
+    from alexnet_tf import data, inputs, sources
 
-    source = f"prepared:{prepared_data(workdir)}"
-    _, info = data.load_source(source, "train")
-    pre = data.default_preprocess_config(info, 227)
+    source = sources.Source(f"prepared:{prepared_data(workdir)}")
+    pre = inputs.preprocess_config(source.info("train"))
     batch = int(FLAGS.batch_sizes[0])
     cores, counts = os.cpu_count(), []
     while not counts or counts[-1] < cores:
         counts.append(min(cores, 2 ** len(counts)))
     for threads in counts:
-        ds, _ = data.make_dataset(source, "train", True, batch, pre, repeat=True,
-                                  device_stage=True, seed=0)
+        ds, _ = data.make_dataset(source, "train", True, batch, pre,
+                                  data.Options(repeat=True, device_stage=True, seed=0))
         options = tf.data.Options()
         options.threading.private_threadpool_size = threads
         iterator = iter(ds.with_options(options))

@@ -76,7 +76,7 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    from alexnet_tf import data, preprocessing
+    from alexnet_tf import data, inputs, preprocessing, sources
 
     root = FLAGS.dir or tempfile.mkdtemp(prefix="alexnet_jpegs_")
     mean_bytes = common.make_jpegs(root, FLAGS.images)
@@ -110,10 +110,11 @@ def main(argv):
              .batch(FLAGS.batch_size)
              .map(lambda x: flip(crop(x, training=True), training=True), num_parallel_calls=autotune)
              .prefetch(autotune))
-    train, _ = data.make_dataset(f"folder:{root}", "train", True, FLAGS.batch_size, config,
-                                 repeat=True)
-    train_uint8, _ = data.make_dataset(f"folder:{root}", "train", True, FLAGS.batch_size, config,
-                                       repeat=True, device_stage=True)
+    photos = sources.Source(f"folder:{root}")
+    train, _ = data.make_dataset(photos, "train", True, FLAGS.batch_size, config,
+                                 data.Options(repeat=True))
+    train_uint8, _ = data.make_dataset(photos, "train", True, FLAGS.batch_size, config,
+                                       data.Options(repeat=True, device_stage=True))
     shards = tf.data.Dataset.from_tensor_slices(
         sorted(tf.io.gfile.glob(os.path.join(prepared, "train-*")))).repeat()
     prepared_decode = (
@@ -123,13 +124,13 @@ def main(argv):
             r, {"image/encoded": tf.io.FixedLenFeature([], tf.string)})["image/encoded"],
             channels=3)), num_parallel_calls=autotune, deterministic=False)
         .batch(FLAGS.batch_size).prefetch(autotune))
-    _, prepared_info = data.load_source(f"prepared:{prepared}", "train")
-    prepared_config = data.default_preprocess_config(prepared_info, 227)
-    prepared_train, _ = data.make_dataset(f"prepared:{prepared}", "train", True,
-                                          FLAGS.batch_size, prepared_config, repeat=True,
-                                          device_stage=True)
-    evaluation, _ = data.make_dataset(f"folder:{root}", "train", False, FLAGS.batch_size, config,
-                                      repeat=True)
+    prepared_source = sources.Source(f"prepared:{prepared}")
+    prepared_config = inputs.preprocess_config(prepared_source.info("train"))
+    prepared_train, _ = data.make_dataset(prepared_source, "train", True, FLAGS.batch_size,
+                                          prepared_config,
+                                          data.Options(repeat=True, device_stage=True))
+    evaluation, _ = data.make_dataset(photos, "train", False, FLAGS.batch_size, config,
+                                      data.Options(repeat=True))
 
     pipelines = [("decode-only", decode_only), ("decode+resize", decode_resize), ("train", train),
                  ("train, uint8", train_uint8), ("naive-train", naive), ("eval", evaluation),

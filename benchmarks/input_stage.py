@@ -1,5 +1,5 @@
-"""The device-side input stage's share of a training step (preprocessing.InputStage: float cast,
-flip, PCA lighting, normalisation of uint8 crops, as train.py runs it inside each step).
+"""The device-side input stage's share of a training step (preprocessing_layers.InputStage: float
+cast, flip, PCA lighting, normalisation of uint8 crops, as train.py runs it inside each step).
 
 Trains the paper variant through compile/fit on synthetic data twice: on float32 batches that
 are already model inputs (no stage), and on uint8 batches through the stage
@@ -35,14 +35,15 @@ def step_seconds(staged):
     import tensorflow as tf
 
     import alexnet_tf
-    from alexnet_tf import preprocessing, training
+    from alexnet_tf import preprocessing, preprocessing_layers, training
 
     model = alexnet_tf.AlexNet(variant=FLAGS.variant)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     shape = (FLAGS.batch_size, *model.input_shape[1:])
     if staged:
-        training.run_input_stage(model, preprocessing.InputStage(preprocessing.PreprocessConfig()))
+        stage = preprocessing_layers.InputStage(preprocessing.PreprocessConfig())
+        training.run_input_stage(model, stage)
         images = tf.constant(np.random.default_rng(0).integers(0, 256, shape, np.uint8))
     else:
         images = tf.random.uniform(shape, -128.0, 128.0)
@@ -61,9 +62,9 @@ def stage_seconds():
     import numpy as np
     import tensorflow as tf
 
-    from alexnet_tf import preprocessing
+    from alexnet_tf import preprocessing, preprocessing_layers
 
-    stage = preprocessing.InputStage(preprocessing.PreprocessConfig())
+    stage = preprocessing_layers.InputStage(preprocessing.PreprocessConfig())
     images = tf.constant(np.random.default_rng(0).integers(
         0, 256, (FLAGS.batch_size, 227, 227, 3), np.uint8))
     run = tf.function(lambda x: tf.reduce_sum(stage(x, training=True)))

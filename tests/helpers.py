@@ -172,21 +172,21 @@ def tiny_config(tmp_path, **overrides):
                   batch_size=32, epochs=1, steps_per_epoch=2, eval_steps=1,
                   learning_rate=0.01, schedule="constant", seed=1)
     fields.update(overrides)
-    from alexnet_tf import training
+    from alexnet_tf import train_config
 
-    return training.TrainConfig(**fields)
+    return train_config.TrainConfig(**fields)
 
 
 def settled_inputs(tmp_path, dataset, **overrides):
-    """training.prepare_inputs of a paper-variant run of `dataset` with --pca=dataset in
+    """inputs.prepare_inputs of a paper-variant run of `dataset` with --pca=dataset in
     tmp_path/run: (its Inputs, its RunDir)."""
-    from alexnet_tf import training
+    from alexnet_tf import inputs
     from alexnet_tf.rundir import RunDir
 
     config = tiny_config(tmp_path, dataset=dataset, variant="paper", pca="dataset", **overrides)
     run = RunDir(str(tmp_path / "run"))
     run.create()
-    return training.prepare_inputs(config, run), run
+    return inputs.prepare_inputs(config, run), run
 
 
 def pixel_eigenvalues(jpeg_paths):

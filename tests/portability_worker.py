@@ -20,7 +20,7 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.python.util import _pywrap_util_port  # noqa: E402
 
 import alexnet_tf  # noqa: E402
-from alexnet_tf import serving, training  # noqa: E402
+from alexnet_tf import serving, train_config, training  # noqa: E402
 from tests.helpers import encode, smooth_image, write_folder_tree, write_idx  # noqa: E402
 
 
@@ -90,7 +90,7 @@ def main(out_dir):
                       size=(64, 80))
     write_folder_tree(os.path.join(folder, "val"), ("cat", "dog", "emu"), per_class=2,
                       size=(64, 80))
-    paper = training.TrainConfig(
+    paper = train_config.TrainConfig(
         dataset=f"folder:{folder}", variant="paper", init="keras", batch_size=4, epochs=1,
         steps_per_epoch=2, eval_steps=1, schedule="constant", seed=1, pca="imagenet")
     report["paper"] = train_and_export(
@@ -110,7 +110,7 @@ def main(out_dir):
             f.write(encode(smooth_image(28 + 8 * i, 28, seed=i, channels=1), "png"))
         gray.append(path)
     report["gray_images"] = gray
-    cifar = training.TrainConfig(
+    cifar = train_config.TrainConfig(
         dataset=f"fashion_mnist:{os.path.join(out_dir, 'idx')}", variant="cifar",
         lrn="tf_cifar10", init="keras", batch_size=16, epochs=1, steps_per_epoch=2,
         eval_steps=1, schedule="constant", seed=1)

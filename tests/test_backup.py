@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from alexnet_tf import backup as backup_lib
+from alexnet_tf import keras_compat
 
 
 class Counter(keras.callbacks.Callback):
@@ -162,7 +163,7 @@ def test_model_checkpoint_is_replaced_only_by_a_complete_file(tmp_path, monkeypa
     path = tmp_path / "best.keras"
     model = small_model()
     train_steps(model, 1)
-    checkpoint = backup_lib.AtomicModelCheckpoint(str(path), monitor="val_top1", mode="max",
+    checkpoint = keras_compat.AtomicModelCheckpoint(str(path), monitor="val_top1", mode="max",
                                                   save_best_only=True)
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"val_top1": 0.5})

@@ -3,7 +3,8 @@
 import keras
 import pytest
 
-from alexnet_tf import devices, layers, lrn, training
+from alexnet_tf import devices, layers, lrn
+from alexnet_tf import strategy as strategy_lib
 from alexnet_tf.devices import DeviceFacts
 
 V100, A100, H100 = (7, 0), (8, 0), (9, 0)
@@ -58,5 +59,5 @@ def test_the_layers_and_the_policy_take_their_choice_from_the_facts(machine, mon
     dense = layers.Dense(4)
     dense.build((None, 8))
     assert dense._eigen == (devices.dense_implementation(facts) == "eigen")
-    assert training.native_mixed_precision() == devices.mixed_precision(facts)
+    assert strategy_lib.native_mixed_precision() == devices.mixed_precision(facts)
     keras.config.set_dtype_policy("float32")

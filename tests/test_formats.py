@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import alexnet_tf
-from alexnet_tf import data, formats, preprocessing, serving
+from alexnet_tf import formats, preprocessing, serving, sources
 from tests.helpers import (ROOT, assert_one_line_error, photo_framings, recentre_classifier,
                            run_train)
 
@@ -239,7 +239,7 @@ def test_the_package_imports_no_converter_or_runtime():
 # --------------------------------------------------------------------------------------------
 # Slow: every format in its runtime on real data.
 
-FASHION_MNIST = data.IDX_DIRS["fashion_mnist"]
+FASHION_MNIST = sources.IDX_DIRS["fashion_mnist"]
 QUANTIZED = {"dynamic": [], "int8": [], "int8_io": ["--int8_io"]}
 
 
@@ -273,8 +273,8 @@ def fashion_mnist_exports(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fashion_mnist_test():
     """The 10,000 test images [N, 28, 28, 1] uint8 and labels."""
-    images, labels = (data.read_idx(os.path.join(FASHION_MNIST, name))
-                      for name in data.IDX_FILES["test"])
+    images, labels = (sources.read_idx(os.path.join(FASHION_MNIST, name))
+                      for name in sources.IDX_FILES["test"])
     return images[..., None], labels
 
 
@@ -304,7 +304,7 @@ def test_float_formats_agree_with_the_saved_model_on_fashion_mnist(
     assert (expected.argmax(-1) == labels).mean() > 0.75  # a trained model, not chance
     assert_float_agrees(Runtime(versions[fmt], fmt).probabilities(views), expected)
     names = open(os.path.join(versions[fmt], "labels.txt")).read().splitlines()
-    assert names == list(data.FASHION_MNIST_CLASSES)
+    assert names == list(sources.FASHION_MNIST_CLASSES)
 
 
 @pytest.mark.slow
@@ -365,7 +365,7 @@ def test_readme_deploy_code_runs_on_an_export(fashion_mnist_exports, fashion_mni
     view_code, usage = readme_deploy_blocks()[:2]
     exec(view_code + usage, {})
     printed = capsys.readouterr().out.strip().splitlines()[-1]
-    assert printed == data.FASHION_MNIST_CLASSES[expected[index].argmax()]
+    assert printed == sources.FASHION_MNIST_CLASSES[expected[index].argmax()]
 
 
 PHOTO_VARIANTS = {"paper": preprocessing.PreprocessConfig(image_size=227, resize_size=256),

@@ -4,7 +4,6 @@ prepared data served on the original JPEG bytes."""
 
 import collections
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from alexnet_tf import data, prepare, preprocessing
+from alexnet_tf import data, inputs, prepare, preprocessing, preprocessing_layers, sources
+from alexnet_tf import train_config
 from tests.helpers import (ROOT, assert_one_line_error, encode, photo_jpeg, smooth_image,
                            tiny_idx)
 
@@ -50,7 +50,7 @@ def write_photos(root, per_class=4, sizes=((300, 400), (375, 500), (480, 320), (
 
 
 def read_records(directory, split):
-    description = data.read_prepared(directory)
+    description = sources.read_prepared(directory)
     paths = [os.path.join(directory, name) for name in description["splits"][split]["shards"]]
     return [tf.io.parse_single_example(r, STANDARD_KEYS) for r in tf.data.TFRecordDataset(paths)]
 
@@ -87,7 +87,7 @@ def test_shards_hold_every_readable_image_once_with_tensorflow_models_keys(prepa
         image = tf.io.decode_jpeg(record["image/encoded"]).numpy()
         assert image.shape == (256, 256, 3)
         assert (int(record["image/height"]), int(record["image/width"])) == (256, 256)
-    description = data.read_prepared(out)
+    description = sources.read_prepared(out)
     assert description["splits"]["train"]["records"] == len(files)
     assert description["splits"]["validation"]["records"] == len(CLASSES)
     assert description["class_names"] == list(CLASSES)
@@ -97,7 +97,7 @@ def test_shards_hold_every_readable_image_once_with_tensorflow_models_keys(prepa
 
 def test_skipped_files_are_listed_with_their_reason(prepared):
     _, _, out = prepared
-    skipped = data.read_prepared(out)["splits"]["train"]["skipped"]
+    skipped = sources.read_prepared(out)["splits"]["train"]["skipped"]
     assert sorted((os.path.basename(s["file"]), s["reason"]) for s in skipped) == [
         ("empty.jpg", "not a whole JPEG or PNG file"),
         ("garbled.jpg", "could not be decoded"),
@@ -133,7 +133,7 @@ def test_pca_is_the_eigen_decomposition_of_all_training_pixels(prepared):
     pixels = np.concatenate([
         tf.io.decode_jpeg(r["image/encoded"]).numpy().reshape(-1, 3) / 255.0
         for r in read_records(out, "train")])
-    pca = data.read_prepared(out)["pca"]
+    pca = sources.read_prepared(out)["pca"]
     assert pca["pixels"] == len(pixels)
     eigval, eigvec = np.asarray(pca["eigval"]), np.asarray(pca["eigvec"])
     assert np.all(np.diff(eigval) <= 0)
@@ -218,8 +218,7 @@ def test_prepare_cli_refuses_bad_input_in_one_line(tmp_path):
 
 
 def config_for(out):
-    _, info = data.load_source(f"prepared:{out}", "train")
-    return data.default_preprocess_config(info, 227)
+    return inputs.preprocess_config(sources.Source(f"prepared:{out}").info("train"))
 
 
 def stored_images(out):
@@ -242,7 +241,7 @@ def find_window(image, crop):
 def prepared_batches(out, training, ten_crop=False, seed=0):
     """The uint8 crops of every record (training: of all but the last incomplete batch)."""
     ds, _ = data.make_dataset(f"prepared:{out}", "train", training, 4, config_for(out),
-                              seed=seed, ten_crop=ten_crop, device_stage=True)
+                              data.Options(seed=seed, ten_crop=ten_crop, device_stage=True))
     return np.concatenate([x.numpy() for x, _ in ds])
 
 
@@ -299,7 +298,7 @@ def damaged_copy(out, directory):
     for name in os.listdir(out):
         if not name.startswith("."):
             os.symlink(os.path.join(out, name), directory / name)
-    first = data.read_prepared(out)["splits"]["train"]["shards"][0]
+    first = sources.read_prepared(out)["splits"]["train"]["shards"][0]
     (directory / first).unlink()
     with tf.io.TFRecordWriter(str(directory / first)) as writer:
         for i, record in enumerate(tf.data.TFRecordDataset(os.path.join(out, first))):
@@ -313,11 +312,11 @@ def damaged_copy(out, directory):
 
 def test_a_damaged_prepared_record_is_skipped_and_counted_in_training(prepared, tmp_path):
     _, _, out = prepared
-    ds, info = data.make_dataset(damaged_copy(out, tmp_path / "damaged"), "train", True, 1,
-                                 config_for(out), seed=0, device_stage=True)
+    ds, skipped = data.make_dataset(damaged_copy(out, tmp_path / "damaged"), "train", True, 1,
+                                    config_for(out), data.Options(seed=0, device_stage=True))
     images = sum(int(x.shape[0]) for x, _ in ds)
-    assert int(info.skipped.numpy()) == 1
-    assert images == data.read_prepared(out)["splits"]["train"]["records"] - 1
+    assert int(skipped.numpy()) == 1
+    assert images == sources.read_prepared(out)["splits"]["train"]["records"] - 1
 
 
 @pytest.mark.parametrize("drop_remainder", [True, False], ids=["batches", "short_last_batch"])
@@ -328,21 +327,26 @@ def test_a_batch_keeps_its_images_beside_a_damaged_record(prepared, tmp_path, dr
     _, _, out = prepared
     source = damaged_copy(out, tmp_path / "damaged")
     config = dataclasses.replace(config_for(out), image_size=32, resize_size=36)
-    ds, info = data.load_source(source, "train", training=True, seed=0, serialized=True)
-    info.skipped = tf.Variable(0, dtype=tf.int64)
-    ds = data._prepared_training(ds, info, config, 4, seed=0, deterministic=True, num_classes=3,
-                                 device_stage=True, drop_remainder=drop_remainder)
-    records = data.read_prepared(out)["splits"]["train"]["records"]
+    reader = sources.Source(source)
+    ds = reader.records("train", training=True, seed=0, serialized=True)
+    # A pipeline for the tf.data service keeps its short last batch; this one runs here.
+    options = data.Options(seed=0, deterministic=True, device_stage=True,
+                           data_service=None if drop_remainder else "grpc://not-used:1")
+    pipeline = data._Pipeline(reader.info("train"), config, True, 4, 3, options,
+                              data.SkipCounter(0))
+    ds = data._prepared_training(ds, pipeline)
+    records = sources.read_prepared(out)["splits"]["train"]["records"]
     kept = sum(int(labels.shape[0]) for _, labels in ds)
     expected = (records // 4) * 4 - 1 if drop_remainder else records - 1
-    assert int(info.skipped.numpy()) == 1
+    assert int(pipeline.skipped.count.numpy()) == 1
     assert kept == expected
 
 
 def test_a_label_outside_the_classes_stops_prepared_training(prepared):
     _, _, out = prepared
-    ds, _ = data.make_dataset(f"prepared:{out}", "train", True, 4, config_for(out), seed=0,
-                              num_classes=2, device_stage=True)  # the shards hold labels 0-2
+    # The shards hold labels 0-2.
+    ds, _ = data.make_dataset(sources.Source(f"prepared:{out}", num_classes=2), "train", True, 4,
+                              config_for(out), data.Options(seed=0, device_stage=True))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"label outside \[0, 2\)"):
         for _ in ds:
             pass
@@ -364,9 +368,9 @@ def test_make_dataset_without_the_device_stage_normalises_on_the_host(prepared):
 def test_input_stage_in_inference_only_normalises():
     config = preprocessing.PreprocessConfig(mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 5.0))
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3)).astype(np.uint8)
-    out = preprocessing.InputStage(config)(images, training=False).numpy()
+    out = preprocessing_layers.InputStage(config)(images, training=False).numpy()
     np.testing.assert_allclose(out, (images - [10.0, 20.0, 30.0]) / [2.0, 4.0, 5.0], rtol=1e-6)
-    bgr = preprocessing.InputStage(preprocessing.PreprocessConfig(bgr=True))(images).numpy()
+    bgr = preprocessing_layers.InputStage(preprocessing.PreprocessConfig(bgr=True))(images).numpy()
     # The mean is in the model's channel order (BGR here).
     np.testing.assert_allclose(bgr, images[..., ::-1] - np.asarray(preprocessing.IMAGENET_MEAN),
                                rtol=1e-5, atol=1e-4)
@@ -378,7 +382,7 @@ def test_input_stage_in_training_gives_the_papers_lighting_and_flips():
     config = preprocessing.PreprocessConfig(mean=(0.0, 0.0, 0.0), flip=False)
     n = 4000
     images = np.full((n, 4, 4, 3), 128, np.uint8)
-    out = preprocessing.InputStage(config, seed=3)(images, training=True).numpy()
+    out = preprocessing_layers.InputStage(config, seed=3)(images, training=True).numpy()
     shifts = out[:, 0, 0] - 128
     np.testing.assert_allclose(out, np.broadcast_to(shifts[:, None, None] + 128, out.shape),
                                atol=1e-3)  # the same shift on every pixel
@@ -389,7 +393,7 @@ def test_input_stage_in_training_gives_the_papers_lighting_and_flips():
 
     flipping = preprocessing.PreprocessConfig(mean=(0.0, 0.0, 0.0), eigval=None, eigvec=None)
     ramp = np.broadcast_to(np.arange(4, dtype=np.uint8)[None, None, :, None], (1000, 4, 4, 3))
-    flipped = preprocessing.InputStage(flipping, seed=4)(ramp, training=True).numpy()
+    flipped = preprocessing_layers.InputStage(flipping, seed=4)(ramp, training=True).numpy()
     mirrored = np.all(flipped == ramp[:, :, ::-1], axis=(1, 2, 3))
     assert np.all(mirrored | np.all(flipped == ramp, axis=(1, 2, 3)))
     assert 0.45 < mirrored.mean() < 0.55
@@ -405,15 +409,15 @@ def test_a_run_on_prepared_data_serves_the_original_jpegs_as_evaluation_sees_the
     from alexnet_tf import serving, training
 
     source, files, out = prepared
-    config = training.TrainConfig(
+    config = train_config.TrainConfig(
         dataset=f"prepared:{out}", variant="small", image_size=64, init="paper",
         batch_size=4, epochs=3, steps_per_epoch=3, learning_rate=1e-3, schedule="constant",
         seed=1, pca="dataset")
     workdir = str(tmp_path / "run")
     training.train_and_evaluate(config, workdir)
     model, class_names, pre = serving.load_run(workdir, "last")
-    training.run_input_stage(model, preprocessing.InputStage(pre))
-    assert pre.eigval == tuple(data.read_prepared(out)["pca"]["eigval"])
+    training.run_input_stage(model, preprocessing_layers.InputStage(pre))
+    assert pre.eigval == tuple(sources.read_prepared(out)["pca"]["eigval"])
 
     # Evaluation's view of each record, in the shards' order: its central 64 x 64 window
     # (make_dataset's, as test_evaluation_crop_is_the_central_window checks), through the

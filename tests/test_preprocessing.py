@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alexnet_tf import preprocessing
+from alexnet_tf import image_bytes, pca, preprocessing, preprocessing_layers
 from alexnet_tf.preprocessing import PreprocessConfig
 from tests.helpers import encode, jpeg_bomb, png_bomb, smooth_image
 
@@ -226,18 +226,18 @@ def test_looks_complete_rejects_truncated_empty_and_non_images():
     cases = {jpeg: True, png: True, jpeg[: len(jpeg) // 2]: False, png[:-5]: False,
              b"": False, b"hello, not an image": False}
     for data, expected in cases.items():
-        assert bool(preprocessing.looks_complete(tf.constant(data))) == expected
+        assert bool(image_bytes.looks_complete(tf.constant(data))) == expected
 
 
 def test_pca_lighting_layer():
-    layer = preprocessing.PCALighting(seed=3)
+    layer = preprocessing_layers.PCALighting(seed=3)
     images = tf.zeros([4, 5, 5, 3])
     np.testing.assert_array_equal(layer(images, training=False), images)
     out = layer(images, training=True).numpy()
     per_image = out.reshape(4, -1, 3)
     assert np.allclose(per_image, per_image[:, :1])  # one shift per image
     assert not np.allclose(per_image[0, 0], per_image[1, 0])  # drawn per image
-    restored = preprocessing.PCALighting.from_config(layer.get_config())
+    restored = preprocessing_layers.PCALighting.from_config(layer.get_config())
     assert restored.eigval == layer.eigval and restored.alpha_std == 0.1
 
 
@@ -247,7 +247,7 @@ def test_compute_pca_recovers_a_known_covariance():
     scales = np.array([0.12, 0.05, 0.02])  # small enough that clipping to [0, 1] is rare
     pixels = 0.5 + (rng.normal(size=(50_000, 3)) * scales) @ rotation.T
     images = [np.clip(pixels, 0, 1).reshape(100, 500, 3)[i * 10 : (i + 1) * 10] * 255 for i in range(10)]
-    eigval, eigvec = preprocessing.compute_pca(images)
+    eigval, eigvec = pca.compute_pca(images)
     np.testing.assert_allclose(eigval, scales**2, rtol=0.05)
     for i in range(3):
         assert abs(abs(np.dot(np.array(eigvec)[:, i], rotation[:, i])) - 1) < 1e-2
@@ -265,7 +265,7 @@ def test_eval_image_of_jpeg_bytes_matches_the_decoded_image(mode):
     image = smooth_image(300, 400, seed=9)
     encoded = tf.io.encode_jpeg(image, quality=95)
     from_bytes = run(lambda x: preprocessing.eval_image(x, PHOTO), encoded, mode=mode).numpy()
-    decoded = preprocessing.decode(encoded, 3)
+    decoded = image_bytes.decode(encoded, 3)
     from_pixels = preprocessing.eval_image(decoded, PHOTO).numpy()
     assert from_bytes.shape == (227, 227, 3)
     # The same pixels up to libjpeg's chroma upsampling at the window's edge.
@@ -301,4 +301,4 @@ def test_header_pixels_reads_the_declared_size_without_decoding(mode):
         (b"\x89PN", -1),
     ]
     for encoded, pixels in cases:
-        assert int(run(preprocessing.header_pixels, tf.constant(encoded), mode=mode)) == pixels
+        assert int(run(image_bytes.header_pixels, tf.constant(encoded), mode=mode)) == pixels

@@ -17,7 +17,8 @@ import numpy as np
 import tensorflow as tf
 import pytest
 
-from alexnet_tf import preprocessing, training
+from alexnet_tf import callbacks, preprocessing, train_config, training
+from alexnet_tf import strategy as strategy_lib
 from tests.helpers import (ROOT, assert_one_line_error, history, pixel_eigenvalues, run_train,
                            settled_inputs, tiny_config, tiny_idx, write_folder_tree)
 
@@ -65,15 +66,15 @@ def test_ten_crop_metrics_are_the_average_over_the_ten_views(tmp_path):
 
 def test_nan_loss_stops_with_the_step(tmp_path):
     config = tiny_config(tmp_path, learning_rate=1e12, epochs=3, steps_per_epoch=5, init="keras")
-    with pytest.raises(training.TrainingError, match=r"loss became NaN/inf at step \d+ \(epoch"):
+    with pytest.raises(train_config.TrainingError, match=r"loss became NaN/inf at step \d+ \(epoch"):
         training.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_auto_strategy_on_one_device_is_the_default_strategy(tmp_path):
     # Not OneDeviceStrategy: its per-device iterators keep tf.data autotuning on (see
     # make_strategy); the explicit choice stays available.
-    assert training.make_strategy(tiny_config(tmp_path)) is tf.distribute.get_strategy()
-    one_device = training.make_strategy(tiny_config(tmp_path, strategy="one_device"))
+    assert strategy_lib.make_strategy(tiny_config(tmp_path)) is tf.distribute.get_strategy()
+    one_device = strategy_lib.make_strategy(tiny_config(tmp_path, strategy="one_device"))
     assert isinstance(one_device, tf.distribute.OneDeviceStrategy)
 
 
@@ -227,7 +228,7 @@ class _FakeModel:
 
 
 def test_plateau_schedule_divides_by_ten_at_most_three_times():
-    callback = training.DivideOnPlateau(factor=0.1, patience=2, max_drops=3)
+    callback = callbacks.DivideOnPlateau(factor=0.1, patience=2, max_drops=3)
     model = _FakeModel(0.01)
     callback.set_model(model)
     lrs = []
@@ -266,12 +267,12 @@ def test_shipped_configs_parse_and_validate(name):
 
 
 def test_each_choice_is_checked_when_the_config_comes_from_python():
-    choices = [f for f in dataclasses.fields(training.TrainConfig) if f.metadata["choices"]]
+    choices = [f for f in dataclasses.fields(train_config.TrainConfig) if f.metadata["choices"]]
     assert {f.name for f in choices} >= {"variant", "lrn", "schedule", "strategy", "pca"}
     for field in choices:
-        training.TrainConfig(**{field.name: field.metadata["choices"][-1]}).validate()
-        with pytest.raises(training.TrainingError, match=f"unknown {field.name} 'bogus'"):
-            training.TrainConfig(**{field.name: "bogus"}).validate()
+        train_config.TrainConfig(**{field.name: field.metadata["choices"][-1]}).validate()
+        with pytest.raises(train_config.TrainingError, match=f"unknown {field.name} 'bogus'"):
+            train_config.TrainConfig(**{field.name: "bogus"}).validate()
 
 
 @pytest.mark.slow
@@ -327,9 +328,9 @@ def test_auto_mixed_precision_follows_the_cpu_flags(tmp_path):
     with_amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
     older = tmp_path / "avx2"
     older.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
-    assert training.native_mixed_precision(str(with_amx)) == "bfloat16"
-    assert training.native_mixed_precision(str(older)) == "none"
-    assert training.native_mixed_precision(str(tmp_path / "missing")) == "none"
+    assert strategy_lib.native_mixed_precision(str(with_amx)) == "bfloat16"
+    assert strategy_lib.native_mixed_precision(str(older)) == "none"
+    assert strategy_lib.native_mixed_precision(str(tmp_path / "missing")) == "none"
 
 
 def test_pca_from_the_dataset_is_settled_once_and_recorded(tmp_path):

@@ -15,10 +15,10 @@ import tensorflow as tf
 from PIL import Image
 
 from alexnet_tf import backup as backup_lib
-from alexnet_tf import data, training
+from alexnet_tf import data, scans, sources, train_config, training
 from alexnet_tf.preprocessing import PreprocessConfig
 from tests.helpers import (ROOT, assert_one_line_error, encode, pixel_eigenvalues, run_train,
-                           settled_inputs, smooth_image, tiny_config)
+                           settled_inputs, smooth_image, tiny_config, write_folder_tree)
 
 
 def in_validation(name):
@@ -81,9 +81,32 @@ def test_a_split_of_files_damaged_inside_is_refused_though_their_bytes_look_whol
     root = tmp_path / "photos"
     for name in ("a", "b"):
         write(root / name, names("train", 1, name.encode())[0], damaged_inside())
-    with pytest.raises(data.DataError, match=r"the train split has 0 readable image\(s\) of 2 "
+    with pytest.raises(sources.DataError, match=r"the train split has 0 readable image\(s\) of 2 "
                        r"file\(s\).*skipped: 2 could not be decoded"):
-        data.check_split(f"folder:{root}", "train", 1, "this test", 10**8)
+        scans.check_split(f"folder:{root}", "train", 1, "this test", 10**8)
+
+
+def test_a_run_lists_each_split_of_its_folder_once(tmp_path, monkeypatch):
+    """The split checks, the preprocessing (and its PCA sample), the pipelines, the TensorBoard
+    grid and the ten-crop evaluation of one train_and_evaluate all read one Source."""
+    root = tmp_path / "photos"
+    write_folder_tree(root / "train", classes=("cat", "dog"), per_class=4)
+    write_folder_tree(root / "val", classes=("cat", "dog"), per_class=2)
+    scanned, listed = [], []
+    real_scandir, real_listdir = os.scandir, os.listdir
+    monkeypatch.setattr(os, "scandir", lambda path: scanned.append(str(path))
+                        or real_scandir(path))
+    monkeypatch.setattr(os, "listdir", lambda path: listed.append(str(path))
+                        or real_listdir(path))
+    config = tiny_config(tmp_path, dataset=f"folder:{root}", batch_size=4, pca="dataset",
+                         ten_crop_eval=True)
+    results = training.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "ten_crop_top1" in results
+    class_folders = sorted(p for p in scanned if os.path.basename(p) in ("cat", "dog"))
+    assert class_folders == sorted(str(root / split / name) for split in ("train", "val")
+                                   for name in ("cat", "dog"))
+    split_roots = sorted(p for p in listed if p.startswith(str(root)))
+    assert split_roots == [str(root / "train"), str(root / "val")]
 
 
 def test_a_validation_split_of_only_broken_files_stops_before_training(tmp_path):
@@ -96,7 +119,7 @@ def test_a_validation_split_of_only_broken_files_stops_before_training(tmp_path)
     write(root / "cat", cat_val[1], photo(1)[:300])  # truncated
     write(root / "dog", names("validation", 1, b"dog")[0], b"text, named as a photo")
     config = tiny_config(tmp_path, dataset=f"folder:{root}", batch_size=4)
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(sources.DataError) as error:
         training.train_and_evaluate(config, str(tmp_path / "run"))
     message = str(error.value)
     assert "the validation split has 0 readable image(s) of 3 file(s)" in message
@@ -107,15 +130,16 @@ def test_a_validation_split_of_only_broken_files_stops_before_training(tmp_path)
 def test_eval_steps_beyond_the_validation_split_are_refused_before_training(tmp_path):
     source = photo_folder(tmp_path / "photos", per_class=8, validation=2)  # 4 validation images
     config = tiny_config(tmp_path, dataset=source, batch_size=4, eval_steps=2)
-    with pytest.raises(data.DataError, match=r"the validation split has 4 readable image\(s\) of "
-                       r"4 file\(s\), fewer than the 5 that --eval_steps=2 at --batch_size=4"):
+    with pytest.raises(sources.DataError, match=r"the validation split has 4 readable "
+                       r"image\(s\) of 4 file\(s\), fewer than the 5 that --eval_steps=2 at "
+                       r"--batch_size=4"):
         training.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_too_few_readable_training_images_for_one_batch_are_refused(tmp_path):
     source = photo_folder(tmp_path / "photos", per_class=3, validation=1)  # 4 training images
     config = tiny_config(tmp_path, dataset=source, batch_size=8)
-    with pytest.raises(data.DataError, match=r"the train split has 4 readable image\(s\) of 4 "
+    with pytest.raises(sources.DataError, match=r"the train split has 4 readable image\(s\) of 4 "
                        r"file\(s\), fewer than the 8 that one training batch \(--batch_size=8\)"):
         training.train_and_evaluate(config, str(tmp_path / "run"))
 
@@ -130,7 +154,7 @@ def test_pca_from_the_dataset_skips_and_counts_a_jpeg_damaged_inside(tmp_path):
     inputs, _ = settled_inputs(tmp_path, f"folder:{root}")
     # Every pixel of the six readable images, covariance in numpy.
     np.testing.assert_allclose(inputs.preprocess.eigval, pixel_eigenvalues(good), rtol=1e-6)
-    images, skips = data.decoded_sample(f"folder:{root}", 1000, 10**8)
+    images, skips = scans.decoded_sample(f"folder:{root}", 1000, 10**8)
     assert len(images) == 6 and skips.describe() == "1 could not be decoded"
 
 
@@ -143,13 +167,13 @@ def test_a_file_name_that_is_not_utf8_trains_and_splits_by_its_bytes(tmp_path):
         latin1.decode("utf-8")
     splits = {}
     for split in ("train", "validation"):
-        ds, _ = data.load_source(f"folder:{root}", split)
+        ds = sources.Source(f"folder:{root}").records(split)
         splits[split] = {os.path.basename(origin.numpy()) for _, _, origin in ds}
     assert latin1 in splits["train"] and latin1 not in splits["validation"]
     assert len(splits["train"]) == 7 and len(splits["validation"]) == 2
-    ds, info = data.make_dataset(f"folder:{root}", "train", True, 7, tiny_pre())
+    ds, skipped = data.make_dataset(f"folder:{root}", "train", True, 7, tiny_pre())
     images, labels = next(iter(ds))
-    assert images.shape[0] == 7 and int(info.skipped.numpy()) == 0
+    assert images.shape[0] == 7 and int(skipped.numpy()) == 0
 
 
 def test_links_to_nothing_and_directories_named_as_photos_are_skipped_and_counted(tmp_path):
@@ -157,12 +181,12 @@ def test_links_to_nothing_and_directories_named_as_photos_are_skipped_and_counte
     photo_folder(root, per_class=4, validation=0, classes=("a", "b"))
     os.symlink(tmp_path / "nowhere.jpg", root / "a" / names("train", 5, b"a")[4].decode())
     os.makedirs(root / "b" / names("train", 5, b"b")[4].decode())
-    ds, info = data.make_dataset(f"folder:{root}", "train", False, 16, tiny_pre())
+    ds, skipped = data.make_dataset(f"folder:{root}", "train", False, 16, tiny_pre())
     images, _ = next(iter(ds))
-    assert images.shape[0] == 8 and int(info.skipped.numpy()) == 2
-    with pytest.raises(data.DataError, match=r"has 8 readable image\(s\) of 10 file\(s\), fewer "
+    assert images.shape[0] == 8 and int(skipped.numpy()) == 2
+    with pytest.raises(sources.DataError, match=r"has 8 readable image\(s\) of 10 file\(s\), fewer "
                        r"than the 9 .*skipped: 2 not a readable file"):
-        data.check_split(f"folder:{root}", "train", 9, "this test", 10**8)
+        scans.check_split(f"folder:{root}", "train", 9, "this test", 10**8)
 
 
 def test_resuming_with_another_variant_names_each_differing_flag(tmp_path):
@@ -170,7 +194,7 @@ def test_resuming_with_another_variant_names_each_differing_flag(tmp_path):
     training.train_and_evaluate(tiny_config(tmp_path), workdir)
     backup = sorted(os.listdir(os.path.join(workdir, "backup")))
     other = tiny_config(tmp_path, variant="small", lrn="paper", epochs=2)
-    with pytest.raises(training.TrainingError) as error:
+    with pytest.raises(train_config.TrainingError) as error:
         training.train_and_evaluate(other, workdir)
     message = str(error.value)
     assert "--variant=small (the run has cifar)" in message

@@ -3,11 +3,9 @@
 import json
 import os
 import re
-import warnings
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from alexnet_tf import preprocessing, training, weights
 from alexnet_tf.model import AlexNet

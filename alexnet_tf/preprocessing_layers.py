@@ -1,0 +1,100 @@
+"""The Keras preprocessing layers: the paper's PCA lighting as a layer for users' own pipelines,
+and the device side of the training pipeline (InputStage)."""
+
+import keras
+import tensorflow as tf
+
+from alexnet_tf.preprocessing import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, PCA_ALPHA_STD,
+                                      augment_batch, normalize, pca_lighting)
+
+
+@keras.saving.register_keras_serializable(package="alexnet_tf")
+class PCALighting(keras.layers.Layer):
+    """Keras preprocessing layer for the paper's PCA colour augmentation (§4.1).
+
+    Active only with `training=True` (like `keras.layers.RandomFlip`), so it can sit at the
+    front of a model or in a `tf.data` map of a user's own `model.fit` pipeline.
+
+    Args:
+        eigval, eigvec: eigen-pairs for RGB in [0, 1] (default: ImageNet, fb.resnet.torch).
+        alpha_std: standard deviation of the per-image coefficients (paper: 0.1).
+        pixel_scale: pixel range of the inputs (255 for [0, 255], 1 for [0, 1]).
+        seed: optional int seed.
+
+    Example:
+        >>> layer = PCALighting()
+        >>> layer(tf.zeros([2, 8, 8, 3]), training=True).shape
+        TensorShape([2, 8, 8, 3])
+    """
+
+    def __init__(
+        self,
+        eigval=IMAGENET_EIGVAL,
+        eigvec=IMAGENET_EIGVEC,
+        alpha_std=PCA_ALPHA_STD,
+        pixel_scale=255.0,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.eigval = tuple(float(v) for v in eigval)
+        self.eigvec = tuple(tuple(float(v) for v in row) for row in eigvec)
+        self.alpha_std = float(alpha_std)
+        self.pixel_scale = float(pixel_scale)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=False):
+        if not training:
+            return inputs
+        batch_shape = tf.shape(inputs)[:-3]
+        alpha = keras.random.normal(
+            tf.concat([batch_shape, [3]], 0), stddev=self.alpha_std, seed=self.seed_generator
+        )
+        shifted = pca_lighting(inputs, alpha, self.eigval, self.eigvec, self.pixel_scale)
+        return tf.cast(shifted, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            eigval=self.eigval,
+            eigvec=self.eigvec,
+            alpha_std=self.alpha_std,
+            pixel_scale=self.pixel_scale,
+            seed=self.seed,
+        )
+        return config
+
+
+class InputStage(keras.layers.Layer):
+    """The device side of the input pipeline: uint8 crops in, model inputs out.
+
+    With `data.Options(device_stage=True)` the host stops at uint8 crops (4x fewer bytes
+    than float32 to copy to an accelerator) and this stage runs first in each training and
+    evaluation step, on the device: the float cast, and in training only the random horizontal
+    flip and PCA lighting (paper §4.1); then normalisation (`normalize`). It is not part of the
+    model, so exported models keep their serving preprocessing (`eval_image` on encoded bytes).
+
+    Args:
+        config: the run's `PreprocessConfig` (flip, eigen-pairs, mean/std, BGR).
+        seed: optional int seed of the flips and lighting coefficients.
+
+    Inputs are [B, H, W, C] in [0, 255]; in inference also [B, 10, H, W, C] (ten-crop views).
+    """
+
+    def __init__(self, config, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=False):
+        if training:  # a batch [B, H, W, C]: the host pipeline's per-batch augmentation
+            return augment_batch(images, self.seed_generator.next(), self.config)
+        return normalize(tf.cast(images, tf.float32), self.config)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
