@@ -97,7 +97,7 @@ def main(argv):
         path = serving.export_saved_model(
             model, FLAGS.export_dir, class_names, config, version=FLAGS.version,
             ten_crop=FLAGS.ten_crop, overwrite=FLAGS.overwrite, top_k=FLAGS.top_k)
-    except (serving.ExportError, sources.DataError, OSError, *cli.TF_FILE_ERRORS) as e:
+    except (serving.ExportError, sources.DataError, OSError, *cli.file_errors()) as e:
         cli.exit_with_error("export.py", e)
     print(f"exported {path}\n  inspect: saved_model_cli show --all --dir {path}")
 

@@ -44,7 +44,7 @@ def main(argv):
                         records_per_shard=FLAGS.records_per_shard, max_pixels=FLAGS.max_pixels,
                         num_classes=FLAGS.num_classes, one_based_labels=FLAGS.one_based_labels,
                         splits=FLAGS.splits)
-    except (prepare.PrepareError, sources.DataError, OSError, *cli.TF_FILE_ERRORS) as e:
+    except (prepare.PrepareError, sources.DataError, OSError, *cli.file_errors()) as e:
         cli.exit_with_error("prepare.py", e)
     print(f"prepared {FLAGS.output_dir}; train with --dataset=prepared:{FLAGS.output_dir}")
 

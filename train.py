@@ -51,7 +51,7 @@ def main(argv):
     try:
         training.train_and_evaluate(config_from_flags(), FLAGS.workdir)
     except (train_config.TrainingError, sources.DataError, keras_compat.KerasCompatibilityError,
-            OSError, *cli.TF_FILE_ERRORS) as e:
+            OSError, *cli.file_errors()) as e:
         cli.exit_with_error("train.py", e)
 
 

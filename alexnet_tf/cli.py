@@ -1,23 +1,32 @@
-"""What train.py and export.py share: user mistakes and machine conditions as one line."""
+"""What every command line of the project shares (train.py, export.py, prepare.py, python -m
+alexnet_tf.visualize, python -m alexnet_tf.data_service): absl flags, and user mistakes and
+machine conditions as one line and exit status 2.
+
+It imports no TensorFlow, so that data_service's supervisor, which runs without it, shares it.
+"""
 
 import sys
 
-import tensorflow as tf
 from absl import flags
 
-# Errors of the files a user's settings or machine name: a workdir that cannot be created, a full
-# disk, a path without permission. Python raises OSError; TensorFlow's own file code (SavedModel
-# writing, tf.io.gfile) raises these.
-TF_FILE_ERRORS = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
-                  tf.errors.ResourceExhaustedError, tf.errors.AlreadyExistsError)
+
+def file_errors():
+    """TensorFlow's errors of the files a user's settings or machine name (a workdir that
+    cannot be created, a full disk, a path without permission): its own file code (SavedModel
+    writing, tf.io.gfile) raises these where Python raises OSError."""
+    import tensorflow as tf
+
+    return (tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
+            tf.errors.ResourceExhaustedError, tf.errors.AlreadyExistsError)
 
 
 def describe(error):
     """One line for an OSError ("No space left on device: /path"), a TensorFlow file error (its
     message) or anything else (its text), whitespace and line breaks collapsed."""
+    tf = sys.modules.get("tensorflow")  # a TensorFlow error needs TensorFlow imported
     if isinstance(error, OSError) and error.errno and error.strerror:
         text = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
-    elif isinstance(error, tf.errors.OpError):
+    elif tf is not None and isinstance(error, tf.errors.OpError):
         text = error.message
     else:
         text = str(error)

@@ -18,7 +18,6 @@ the restarted one (the files the lost process had in hand are skipped for that e
 same way; without one it is not, as a dispatcher without its journal has forgotten the jobs.
 """
 
-import argparse
 import ctypes
 import os
 import signal
@@ -26,6 +25,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
+
+from absl import app, flags
+
+if __package__:
+    from alexnet_tf import cli
+else:  # this file run as a script by main(): its folder is on sys.path, TensorFlow is not
+    import cli
 
 
 # A child that keeps dying this soon after it started is not restarted more than this many
@@ -34,24 +41,38 @@ QUICK_FAILURE_S = 10.0
 MAX_QUICK_FAILURES = 5
 
 
-def _parser():
-    parser = argparse.ArgumentParser(prog="python -m alexnet_tf.data_service",
-                                     description=__doc__.split("\n\n")[0])
-    servers = parser.add_subparsers(dest="server", required=True)
-    dispatcher = servers.add_parser("dispatcher", help="the dispatcher (one per training job)")
-    dispatcher.add_argument("--port", type=int, required=True)
-    dispatcher.add_argument("--work_dir", help="journal for a fault-tolerant dispatcher: a "
-                            "restarted dispatcher resumes from it")
-    worker = servers.add_parser("worker", help="a worker (any number, one per input machine)")
-    worker.add_argument("--dispatcher", required=True, help="the dispatcher's HOST:PORT")
-    worker.add_argument("--port", type=int, required=True)
-    worker.add_argument("--worker_address", help="HOST:PORT the trainer reaches this worker "
-                        "at (default: localhost:PORT)")
-    for server in (dispatcher, worker):
-        server.add_argument("--no_restart", dest="restart", action="store_false",
-                            help="serve in this process; do not start the server again when "
-                            "it dies")
-    return parser
+SERVERS = ("dispatcher", "worker")
+
+
+def define_flags():
+    """The flags of `python -m alexnet_tf.data_service {dispatcher|worker}`."""
+    flags.DEFINE_integer("port", None, "Port this server listens on.", required=True)
+    flags.DEFINE_string("work_dir", None, "dispatcher: journal for a fault-tolerant dispatcher; "
+                        "a restarted dispatcher resumes from it.")
+    flags.DEFINE_string("dispatcher", None, "worker: the dispatcher's HOST:PORT.")
+    flags.DEFINE_string("worker_address", None, "worker: HOST:PORT the trainer reaches this "
+                        "worker at (default: localhost:PORT).")
+    flags.DEFINE_bool("no_restart", False, "Serve in this process; do not start the server "
+                      "again when it dies.")
+
+
+def _settings(argv):
+    """The server's settings from the parsed flags and the one positional argument, or a
+    one-line error (exit status 2)."""
+    FLAGS = flags.FLAGS
+    if len(argv) != 2 or argv[1] not in SERVERS:
+        cli.exit_with_error("data_service", "give the server to run: python -m "
+                            "alexnet_tf.data_service {dispatcher|worker} --port=PORT ...")
+    server = argv[1]
+    wrong = [f"--{name}" for name in (("dispatcher", "worker_address") if server == "dispatcher"
+                                      else ("work_dir",)) if FLAGS[name].present]
+    if wrong:
+        cli.exit_with_error("data_service", f"{', '.join(wrong)} is not a {server} flag")
+    if server == "worker" and not FLAGS.dispatcher:
+        cli.exit_with_error("data_service", "a worker needs --dispatcher=HOST:PORT")
+    return types.SimpleNamespace(
+        server=server, port=FLAGS.port, work_dir=FLAGS.work_dir, dispatcher=FLAGS.dispatcher,
+        worker_address=FLAGS.worker_address, restart=not FLAGS.no_restart)
 
 
 def serve(args):
@@ -129,21 +150,20 @@ def supervise(args, argv):
         time.sleep(1)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser().parse_args(argv)
+def main(argv):
+    args = _settings(argv)
     if args.restart and (args.server == "worker" or args.work_dir):
         if "tensorflow" in sys.modules:
             # Imported with the alexnet_tf package (python -m): the supervisor needs none of it,
             # so it becomes this file run as a script, which imports no TensorFlow (~0.6 GB).
-            os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])
-        sys.exit(supervise(args, argv))
+            os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+        sys.exit(supervise(args, sys.argv[1:]))
     try:
         serve(args)
     except (OSError, RuntimeError, ValueError) as e:
-        print(f"data_service: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+        cli.exit_with_error("data_service", e)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.flags_parser("data_service"))

@@ -11,7 +11,6 @@ Each writes `<workdir>/<command>.png` (or --output) and prints the path. The fun
 import csv
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -181,33 +180,38 @@ def draw(command, workdir, output=None, checkpoint="best", count=32):
     return write_png(augmentation_grid(images.numpy(), pre), output)
 
 
+def define_flags():
+    """The flags of `python -m alexnet_tf.visualize`."""
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "Training run directory (train.py's --workdir).",
+                        required=True)
+    flags.DEFINE_string("output", None, "PNG path; default <workdir>/<picture>.png.")
+    flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Checkpoint for `filters`.")
+    flags.DEFINE_integer("count", 32, "Images in the `augmentations` grid.", lower_bound=1)
+
+
 def main(argv):
     from absl import flags
 
-    usage = f"usage: python -m alexnet_tf.visualize {{{'|'.join(COMMANDS)}}} --workdir=DIR"
-    if len(argv) != 2:
-        print(f"visualize: error: give one picture to draw. {usage}", file=sys.stderr)
-        sys.exit(2)
-    FLAGS = flags.FLAGS
-    if FLAGS.workdir is None:
-        print(f"visualize: error: --workdir is required. {usage}", file=sys.stderr)
-        sys.exit(2)
-    from alexnet_tf import sources
+    from alexnet_tf import cli, sources
 
+    if len(argv) != 2:
+        cli.exit_with_error("visualize", f"give one picture to draw: python -m "
+                            f"alexnet_tf.visualize {{{'|'.join(COMMANDS)}}} --workdir=DIR")
+    FLAGS = flags.FLAGS
     try:
         path = draw(argv[1], FLAGS.workdir, FLAGS.output, FLAGS.checkpoint, FLAGS.count)
-    except (VisualizeError, sources.DataError) as e:
-        print(f"visualize: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (VisualizeError, sources.DataError, OSError) as e:
+        cli.exit_with_error("visualize", e)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from absl import app, flags
+    from absl import app
 
-    flags.DEFINE_string("workdir", None, "Training run directory (train.py's --workdir).")
-    flags.DEFINE_string("output", None, "PNG path; default <workdir>/<picture>.png.")
-    flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Checkpoint for `filters`.")
-    flags.DEFINE_integer("count", 32, "Images in the `augmentations` grid.")
-    app.run(main)
+    from alexnet_tf import cli
+
+    define_flags()
+    app.run(main, flags_parser=cli.flags_parser("visualize"))

@@ -1,0 +1,49 @@
+"""Every command line of the project is absl flags with one error path (alexnet_tf.cli): its help
+lists its own flags, and a mistake is one line and exit status 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, assert_one_line_error
+
+# Each entry point: how it is started, and flags that only its help lists.
+ENTRY_POINTS = {
+    "train.py": (["train.py"], ("--dataset", "--variant", "--workdir")),
+    "export.py": (["export.py"], ("--export_dir", "--format")),
+    "prepare.py": (["prepare.py"], ("--output_dir",)),
+    "visualize": (["-m", "alexnet_tf.visualize"], ("--workdir", "--checkpoint", "--count")),
+    "data_service": (["-m", "alexnet_tf.data_service"], ("--port", "--dispatcher", "--work_dir")),
+}
+
+
+def run(command, *args):
+    return subprocess.run([sys.executable, *command, *args], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_helpfull_lists_the_entry_points_flags_and_absls(entry_point):
+    command, own_flags = ENTRY_POINTS[entry_point]
+    result = run(command, "--helpfull")
+    assert "Traceback" not in result.stderr
+    text = result.stdout + result.stderr
+    for flag in own_flags:
+        assert f"{flag}:" in text, (flag, text[-2000:])
+    assert "absl.flags:" in text and "--flagfile:" in text
+
+
+@pytest.mark.parametrize("entry_point, args, fragment", [
+    ("visualize", ["curves"], "--workdir must have a value"),
+    ("visualize", ["--workdir=x"], "give one picture to draw"),
+    ("visualize", ["curves", "--workdir=x", "--count=0"], "--count=0"),
+    ("data_service", ["worker", "--port=5999"], "a worker needs --dispatcher=HOST:PORT"),
+    ("data_service", ["dispatcher", "--port=5999", "--dispatcher=h:1"],
+     "--dispatcher is not a dispatcher flag"),
+    ("data_service", ["supervisor", "--port=5999"], "give the server to run"),
+    ("data_service", ["worker", "--port=x", "--dispatcher=h:1"], "--port=x"),
+])
+def test_mistakes_are_one_line(entry_point, args, fragment):
+    assert_one_line_error(run(ENTRY_POINTS[entry_point][0], *args), entry_point, fragment)
