@@ -258,7 +258,7 @@ def _through_service(ds, address, repeat, compression=None):
     starts a new job over all the files.
 
     `compression`: of each batch on the wire, "AUTO" or None. None: compressing uint8 crops
-    saves 14-19% of the bytes and triples the trainer's CPU time per image (BENCHMARKS.md,
+    saves few bytes and costs the trainer several times its CPU time per image (BENCHMARKS.md,
     "tf.data service"), and the trainer's CPU is what the service relieves."""
     host, port = address.removeprefix("grpc://").rsplit(":", 1)
     try:

@@ -423,8 +423,9 @@ def prepared_random_crops(encoded, seed, config, stored_size=None):
 
     A whole batch per call, one decode op per image in one graph (TensorFlow runs them side by
     side): in tf.data, a map call per image costs about as much as decoding its window, and a
-    tf.map_fn loop still ~8% (BENCHMARKS.md, "Input pipelines"). `stored_size`: every image is
-    stored_size x stored_size (prepare.py without keep_frame), so no header is read.
+    tf.map_fn loop still a measurable share (BENCHMARKS.md, "Input pipelines"). `stored_size`:
+    every image is stored_size x stored_size (prepare.py without keep_frame), so no header is
+    read.
     """
     count, size = encoded.shape[0], config.image_size
     if count is None:
