@@ -47,3 +47,12 @@ def test_helpfull_lists_the_entry_points_flags_and_absls(entry_point):
 ])
 def test_mistakes_are_one_line(entry_point, args, fragment):
     assert_one_line_error(run(ENTRY_POINTS[entry_point][0], *args), entry_point, fragment)
+
+
+def test_exports_help_gives_the_pixel_budget_train_py_defaults_to():
+    """export.py spells the budget in its help (its flags parse before TensorFlow is imported,
+    and the package imports TensorFlow): the figure must be the one preprocessing holds."""
+    from alexnet_tf import preprocessing
+
+    result = run(ENTRY_POINTS["export.py"][0], "--helpfull")
+    assert f"{preprocessing.MAX_PIXELS:,}" in result.stdout + result.stderr
