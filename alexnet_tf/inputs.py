@@ -82,9 +82,7 @@ def _photos(info, config):
 
 def source_of(config):
     """The run's one Source of --dataset."""
-    return sources.Source(config.dataset, data_dir=config.data_dir,
-                          num_classes=config.num_classes,
-                          one_based_labels=config.one_based_labels)
+    return sources.saved_source(dataclasses.asdict(config))
 
 
 def check_splits(config, source):
@@ -110,10 +108,14 @@ class Inputs:
 
     config: TrainConfig
     source: sources.Source
-    info: sources.DatasetInfo
     num_classes: int
     class_names: list
     preprocess: preprocessing.PreprocessConfig
+
+    @property
+    def info(self):
+        """The training split's DatasetInfo (listed once, by the Source)."""
+        return self.source.info("train")
 
     def dataset(self, split, training, ten_crop=False, service=True):
         """(dataset, skipped-image counter) of a split: a plain dataset of global batches of
@@ -150,4 +152,4 @@ def prepare_inputs(config, run, source=None):
     config.to_json(run.config)
     with open(run.dataset, "w") as f:
         json.dump({"source": config.dataset, "class_names": class_names}, f, indent=2)
-    return Inputs(config, source, info, num_classes, class_names, pre)
+    return Inputs(config, source, num_classes, class_names, pre)

@@ -220,8 +220,9 @@ def as_source(source, **source_args):
 
 
 def saved_source(settings):
-    """The Source of a run's saved config.json (`settings`, the dict): what the pictures and the
-    int8 calibration read a finished run's data with."""
+    """The Source of a run's settings (`settings`: config.json's dict, or
+    `dataclasses.asdict` of a TrainConfig): what the run, its pictures and its int8
+    calibration read its data with."""
     return Source(settings["dataset"], data_dir=settings.get("data_dir"),
                   num_classes=settings.get("num_classes"),
                   one_based_labels=settings.get("one_based_labels", False))
