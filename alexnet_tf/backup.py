@@ -9,6 +9,7 @@ same for the checkpoints export.py reads.
 import json
 import math
 import os
+import time
 
 import keras
 from absl import logging
@@ -43,7 +44,10 @@ def _first_sentence(error, limit=80):
 
 
 class Backup(keras.callbacks.Callback):
-    """Backs up the resume state at every epoch end, and every `save_freq` steps when given.
+    """Backs up the resume state: at an epoch's end once `every_seconds` have passed since the
+    previous backup, and at the last epoch's end; mid-epoch, in an epoch longer than
+    `every_seconds`, at the first step that far from the previous backup; and every `save_freq`
+    steps when given.
 
     Files in `directory`:
         weights-<n>.weights.h5  the model's and the optimizer's variables at save n
@@ -55,6 +59,8 @@ class Backup(keras.callbacks.Callback):
     rename leaves the previous state whole (the half-written file is removed by the next save).
     A mid-epoch save resumes at the start of that epoch, as keras.callbacks.BackupAndRestore
     does. Saves stop at the first non-finite loss, so a rerun never resumes from NaN weights.
+    Nothing here waits for the device at a step: the time is read before a step, and the loss
+    from the logs Keras has already turned into Python floats after it.
 
     `restore(model)` is called before fit, once the model and its optimizer are built: it loads
     the newest readable state and returns the epoch to resume at.
@@ -62,38 +68,65 @@ class Backup(keras.callbacks.Callback):
     Args:
         directory: where the backup lives (one per worker).
         save_freq: "epoch", or also every this many training steps.
+        every_seconds: the least time between two backups; 0: at every epoch end.
         keep: {name: (callback, [attribute, ...])}: callback attributes saved with each state
             and set again by `restore` (a plateau schedule's counters, the best metric so far).
         history_csv: a CSVLogger file; `restore` drops its rows of the epochs that will run
             again, so that each epoch appears once.
     """
 
-    def __init__(self, directory, save_freq="epoch", keep=None, history_csv=None):
+    def __init__(self, directory, save_freq="epoch", keep=None, history_csv=None,
+                 every_seconds=0.0, clock=time.monotonic):
         super().__init__()
         self.directory = directory
         self.save_freq = save_freq
+        self.every_seconds = every_seconds
         self.keep = keep or {}
         self.history_csv = history_csv
+        self.clock = clock
         self._epoch = 0
-        self._steps = 0
+        self._steps = 0  # steps this run has trained
+        self._epoch_start_steps = 0
+        self._saved_at = self._epoch_began = clock()
         self._state = None  # the state.json now on disk
         self._finite = True
 
     # -- saving ---------------------------------------------------------------------------------
 
+    def due_at_epoch_end(self, epoch):
+        """Whether the end of `epoch` (0-based) saves: the last epoch's always does."""
+        last = epoch + 1 == (self.params or {}).get("epochs")
+        return last or self.clock() - self._saved_at >= self.every_seconds
+
+    def on_train_begin(self, logs=None):
+        self._saved_at = self.clock()
+
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._epoch_start_steps = self._steps
+        self._epoch_began = self.clock()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Mid-epoch only in an epoch longer than the interval: a mid-epoch save resumes at the
+        # epoch's start, so in shorter epochs the epoch's end is the better moment.
+        now = self.clock()
+        if (self.every_seconds and batch and now - self._saved_at >= self.every_seconds
+                and now - self._epoch_began >= self.every_seconds):
+            self.save(self._epoch)
 
     def on_train_batch_end(self, batch, logs=None):
+        # `batch`: the last step of the call (several with steps_per_execution).
         self._finite = self._finite and math.isfinite(float((logs or {}).get("loss", 0.0)))
-        self._steps += 1
+        before, self._steps = self._steps, self._epoch_start_steps + batch + 1
         # The epoch's last step is saved by on_epoch_end, which comes next.
         last_step = batch + 1 == (self.params or {}).get("steps")
-        if self.save_freq != "epoch" and self._steps % self.save_freq == 0 and not last_step:
+        if (self.save_freq != "epoch" and self._steps // self.save_freq > before // self.save_freq
+                and not last_step):
             self.save(self._epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.save(epoch + 1)
+        if self.due_at_epoch_end(epoch):
+            self.save(epoch + 1)
 
     def save(self, resume_epoch):
         """Commits the state that resumes at `resume_epoch` (0-based)."""
@@ -116,6 +149,7 @@ class Backup(keras.callbacks.Callback):
         state["previous"] = previous or None
         _replace_atomically(os.path.join(self.directory, STATE_FILE), json.dumps(state))
         self._state = state
+        self._saved_at = self.clock()
         self._remove_unreferenced()
 
     def _remove_unreferenced(self):

@@ -65,22 +65,45 @@ class StopOnNaN(keras.callbacks.Callback):
 class EpochReport(keras.callbacks.Callback):
     """One line per epoch with images/s, the learning rate and skipped images (unreadable, or
     over the pixel budget); adds `learning_rate` and `images_per_sec` to the logs so that
-    CSVLogger and TensorBoard record them."""
+    CSVLogger and TensorBoard record them.
 
-    def __init__(self, global_batch, steps_per_epoch, epochs, skipped=None, verbose=True):
+    images/s is the rate of the epoch's steps after its first call from Python: not the
+    tracing and XLA compilation of the first, nor validation, nor the callbacks at its end. The
+    clock stops after the last call's logs, which Keras reads from the device, so the steps
+    are done. An epoch of one call is timed whole.
+    """
+
+    def __init__(self, global_batch, steps_per_epoch, epochs, skipped=None, verbose=True,
+                 clock=time.perf_counter):
         super().__init__()
         self.verbose = verbose
         self.global_batch, self.steps_per_epoch, self.epochs = global_batch, steps_per_epoch, epochs
         self.skipped = skipped
+        self.clock = clock
         self.start = None
+        self.timed = None  # (clock at the start of the timed steps, the first timed step)
+        self.steps_done_at = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
+        self.start = self.clock()
+        self.timed = (self.start, 0)
+        self.steps_done_at = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch and self.timed[1] == 0:
+            self.timed = (self.clock(), batch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 == self.steps_per_epoch:
+            self.steps_done_at = self.clock()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        elapsed = time.perf_counter() - self.start
-        rate = self.global_batch * self.steps_per_epoch / elapsed
+        now = self.clock()
+        elapsed = now - self.start
+        started, first = self.timed
+        rate = (self.global_batch * (self.steps_per_epoch - first)
+                / max((self.steps_done_at or now) - started, 1e-9))
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         logs["images_per_sec"] = rate
         parts = [f"epoch {epoch + 1}/{self.epochs}"]

@@ -50,6 +50,8 @@ class Options:
             does not include them.
         order_seed: evaluation of a folder tree in one fixed pseudo-random file order instead
             of class by class (`Source.records`), for a sample of a split's first images.
+        device: copy each batch to this device ahead of its use ("/gpu:0"), as the pipeline's
+            last step, so that a training step does not wait for its batch's copy.
     """
 
     seed: int | None = None
@@ -63,6 +65,7 @@ class Options:
     device_stage: bool = False
     data_service: str | None = None
     order_seed: int | None = None
+    device: str | None = None
 
 
 class SkipCounter:
@@ -283,7 +286,10 @@ def _finish_pipeline(ds, options):
         # Already sharded by Source.records; stop tf.distribute from sharding a second time.
         settings.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.OFF)
-    return ds.with_options(settings).prefetch(tf.data.AUTOTUNE)
+    ds = ds.with_options(settings).prefetch(tf.data.AUTOTUNE)
+    if options.device:
+        ds = ds.apply(tf.data.experimental.prefetch_to_device(options.device, buffer_size=2))
+    return ds
 
 
 # make_dataset's routes (_route chooses one): how each cuts, batches and augments its images.

@@ -81,6 +81,37 @@ def replica_devices(facts, cpu_devices):
     return list(cpu_devices)
 
 
+def jit_compile(facts):
+    """Whether training steps compile with XLA: on GPUs, where it fuses the step's element-wise
+    work (2.5x on an H200, BENCHMARKS.md); not on CPUs, where XLA's convolutions are slower
+    than oneDNN's and Eigen's (the README recipe: 441 img/s with XLA, about 1,500 without)."""
+    return bool(facts.gpus)
+
+
+# Training steps per call from Python on a GPU: Keras waits for the device after each call (it
+# turns the logs into Python floats), so one step per call leaves the GPU idle while Python
+# prepares the next; at 20 steps that pause is under 1% of a paper-model step at batch 128.
+GPU_STEPS_PER_EXECUTION = 20
+
+
+def steps_per_execution(facts, steps_per_epoch, replicas=1):
+    """Training steps per `fit` call: up to GPU_STEPS_PER_EXECUTION on GPUs, 1 on CPUs (a CPU
+    step is long beside the pause) and with several replicas (Keras 3.15's calls of several
+    steps fail under MirroredStrategy with more than one replica: "You must feed a value for
+    placeholder tensor 'while/body/.../cond/Placeholder'"). A divisor of `steps_per_epoch`, so
+    that every epoch ends at a call's end (Keras would run the last call's steps past it)."""
+    most = GPU_STEPS_PER_EXECUTION if facts.gpus and replicas == 1 else 1
+    return max(n for n in range(1, min(most, steps_per_epoch) + 1) if steps_per_epoch % n == 0)
+
+
+def input_device(facts, strategy_copies):
+    """Where the input pipeline copies each batch ahead of its step: the GPU when TensorFlow's
+    default strategy trains on one (it would copy each batch inside the step, the GPU waiting);
+    None on a CPU, or when the strategy copies batches to its replicas' devices itself
+    (`strategy_copies`: MirroredStrategy and the others)."""
+    return "/gpu:0" if facts.gpus and not strategy_copies else None
+
+
 def decode_device(facts):
     """Where an export decodes JPEG/PNG bytes: the CPU on every machine. TensorFlow has no GPU
     kernel for PNG, and one JPEG at a time gains nothing on a GPU."""

@@ -117,19 +117,21 @@ class Inputs:
         """The training split's DatasetInfo (listed once, by the Source)."""
         return self.source.info("train")
 
-    def dataset(self, split, training, ten_crop=False, service=True):
+    def dataset(self, split, training, ten_crop=False, service=True, device=None):
         """(dataset, skipped-image counter) of a split: a plain dataset of global batches of
         uint8 crops, which the model's steps pass through the InputStage first
         (`training.run_input_stage`). Keras splits it across the replicas and, with several
         workers, shards it (by file where it can, else by record); Keras 3's fit() cannot take
         distribute_datasets_from_function's PerReplica. With --data_service a training pipeline
         runs on its workers, unless `service` is False (one batch for the image grid: a service
-        job would make the workers start on a whole epoch)."""
+        job would make the workers start on a whole epoch). `device`: where each batch is
+        copied ahead of its step (`devices.input_device`)."""
         config = self.config
         options = data.Options(
             seed=config.seed, cache=config.cache, shuffle_buffer=config.shuffle_buffer,
             repeat=training, ten_crop=ten_crop, device_stage=True,
-            data_service=config.data_service if training and service else None)
+            data_service=config.data_service if training and service else None,
+            device=device)
         return data.make_dataset(self.source, split, training, config.batch_size,
                                  self.preprocess, options)
 

@@ -1,5 +1,6 @@
 """Every use of a Keras or TensorFlow internal, in one place: work-arounds for two Keras bugs,
-applied around `fit` and `evaluate` and undone afterwards; checkpoints written atomically, which
+applied around `fit` and `evaluate` and undone afterwards; a training step that XLA compiles
+under several replicas, which Keras' own cannot; checkpoints written atomically, which
 ModelCheckpoint has no public hook for; and the question TensorFlow has no public answer to (are
 its oneDNN CPU kernels on?).
 
@@ -108,16 +109,74 @@ def fit_work_arounds(model, strategy, data_batch):
         yield
 
 
+def replica_compiled_train_step(model):
+    """Makes `model.train_step` compile with XLA under a strategy of several replicas.
+
+    Keras 3 compiles `strategy.run` whole (`jit_compile=True` wraps every replica's step in one
+    XLA computation on one device), so under MirroredStrategy a replica's variables on another
+    device fail ("Trying to access resource .../replica_1 ... from device ...:0", XLA's known
+    issue of a variable on another device). Here each replica compiles its own forward and
+    backward pass, as a pure function of the variables' values (Keras' `stateless_call` and
+    `stateless_compute_loss`, as its JAX trainer does), so that no variable is touched inside
+    XLA; the variables are read before it, and the optimizer's update (with its cross-replica
+    sum), the dropout seeds' new state and the metrics are applied after it, on the replica's
+    device. Compile the model with `jit_compile=False`: the step compiles itself.
+    """
+    for name in ("stateless_call", "stateless_compute_loss", "_loss_tracker"):
+        _require(model, name, "compile each replica's training step with XLA")
+    from keras.src.losses import loss as loss_module
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    unscale = _require(loss_module, "unscale_loss_for_distribution",
+                       "compile each replica's training step with XLA")
+    unpack = _require(data_adapter_utils, "unpack_x_y_sample_weight",
+                      "compile each replica's training step with XLA")
+
+    @tf.function(jit_compile=True, reduce_retracing=True)
+    def forward_backward(trainable, non_trainable, metrics, x, y, sample_weight):
+        with tf.GradientTape() as tape:
+            tape.watch(trainable)
+            y_pred, non_trainable = model.stateless_call(trainable, non_trainable, x,
+                                                         training=True)
+            loss, (_, non_trainable, _) = model.stateless_compute_loss(
+                trainable, non_trainable, metrics, x=x, y=y, y_pred=y_pred,
+                sample_weight=sample_weight, training=True)
+            scaled = model.optimizer.scale_loss(loss)
+        return loss, tape.gradient(scaled, trainable), non_trainable, y_pred
+
+    def train_step(data):
+        x, y, sample_weight = unpack(data)
+        loss, gradients, non_trainable, y_pred = forward_backward(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            [v.value for v in model.metrics_variables], x, y, sample_weight)
+        for variable, value in zip(model.non_trainable_variables, non_trainable):
+            variable.assign(value)
+        model._loss_tracker.update_state(unscale(loss), sample_weight=tf.shape(x)[0])
+        model.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    model.train_step = train_step
+    return model
+
+
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
     """ModelCheckpoint that writes beside its file and renames into place: a crash mid-write
     leaves the previous checkpoint whole. Keras' own writes the file in place, through
     `_save_model`, the one method that knows the path at the time of writing; it is overridden
     here, once its presence is checked."""
 
-    def __init__(self, filepath, **kwargs):
+    def __init__(self, filepath, when=None, **kwargs):
+        """`when`: a function of the epoch (0-based) that says whether its end saves (default:
+        every epoch end saves, as ModelCheckpoint's)."""
         _require(keras.callbacks.ModelCheckpoint, "_save_model",
                  "write checkpoints beside their file and rename them into place")
         super().__init__(filepath, **kwargs)
+        self.when = when
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.when is None or self.when(epoch):
+            super().on_epoch_end(epoch, logs)
 
     def _save_model(self, epoch, batch, logs):
         final = self.filepath

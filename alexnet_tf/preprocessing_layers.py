@@ -1,6 +1,8 @@
 """The Keras preprocessing layers: the paper's PCA lighting as a layer for users' own pipelines,
 and the device side of the training pipeline (InputStage)."""
 
+import random
+
 import keras
 import tensorflow as tf
 
@@ -78,6 +80,12 @@ class InputStage(keras.layers.Layer):
     flip and PCA lighting (paper §4.1); then normalisation (`normalize`). It is not part of the
     model, so exported models keep their serving preprocessing (`eval_image` on encoded bytes).
 
+    Its random draws are stateless. Inside a training step (`training.run_input_stage`) they are
+    a function of the seed, the optimizer's step count and the replica: no variable is read or
+    written, which XLA needs under a multi-device strategy (a replica's step may not touch a
+    variable of another device), and a run resumed at step S draws what an uninterrupted run
+    draws at S. Called on its own (a tf.data map, a notebook), it draws from a SeedGenerator.
+
     Args:
         config: the run's `PreprocessConfig` (flip, eigen-pairs, mean/std, BGR).
         seed: optional int seed of the flips and lighting coefficients.
@@ -89,12 +97,30 @@ class InputStage(keras.layers.Layer):
         super().__init__(**kwargs)
         self.config = config
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        # Without a seed, each stage draws its own base, so that two runs differ.
+        self.base_seed = seed if seed is not None else random.randrange(2**31)
+        # Drawn from only outside a training step: a step never reads it.
+        self.seed_generator = keras.random.SeedGenerator(self.base_seed)
 
-    def call(self, images, training=False):
-        if training:  # a batch [B, H, W, C]: the host pipeline's per-batch augmentation
+    def call(self, images, training=False, step=None):
+        """`step`: the step count (an int tensor) when called in a training step; the seed is
+        then folded from (seed, step, replica)."""
+        if not training:
+            return normalize(tf.cast(images, tf.float32), self.config)
+        # A batch [B, H, W, C]: the training pipeline's per-batch augmentation.
+        if step is None:
             return augment_batch(images, self.seed_generator.next(), self.config)
-        return normalize(tf.cast(images, tf.float32), self.config)
+        return augment_batch(images, step_seed(self.base_seed, step), self.config)
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+def step_seed(base, step):
+    """The stateless [2] seed of training step `step` on this replica: (base, step) folded with
+    the replica's index, so that replicas draw differently and a step draws the same whenever it
+    runs."""
+    replica = tf.distribute.get_replica_context()
+    index = 0 if replica is None else replica.replica_id_in_sync_group
+    seed = tf.stack([tf.constant(base, tf.int64), tf.cast(step, tf.int64)])
+    return tf.random.experimental.stateless_fold_in(seed, tf.cast(index, tf.int64))

@@ -88,13 +88,23 @@ class TrainConfig:
     mixed_precision: str = _setting(
         "none", "auto: bfloat16 or float16 where the GPU or CPU computes it natively, else none.",
         ("none", "float16", "bfloat16", "auto"))
-    jit_compile: bool = _setting(False, "Compile the train step with XLA.")
+    jit_compile: str = _setting(
+        "auto", "Compile the training step with XLA; auto: on GPUs (2.5x on an H200), off on "
+        "CPUs, where it is slower (BENCHMARKS.md).", ("auto", "true", "false"))
+    steps_per_execution: int = _setting(
+        0, "Training steps per call from Python (Keras steps_per_execution): Keras waits for "
+        "the device after each call, so several steps per call keep a GPU busy; callbacks see "
+        "every Nth step. 0: auto (GPUs: up to 20, a divisor of --steps_per_epoch; CPUs: 1).")
     seed: int | None = _setting(
         None, "Seed for initialisation, shuffling and augmentation (deterministic pipeline).")
     ten_crop_eval: bool = _setting(
         False, "Final evaluation with 10-crop averaging (paper §4.1).")
+    backup_every_minutes: float = _setting(
+        5.0, "Back up the training state (and write the last checkpoint) at the first epoch end "
+        "this many minutes after the previous backup, at the last epoch's end, and mid-epoch "
+        "when an epoch runs longer; 0: at every epoch end.")
     checkpoint_every_steps: int | None = _setting(
-        None, "Also back up every N steps (default: every epoch).")
+        None, "Also back up every N steps.")
     start_over: bool = _setting(
         False, "Discard the workdir's backup, history and preprocessing and train from the first "
         "epoch (default: resume from them).")
@@ -120,6 +130,10 @@ class TrainConfig:
             (self.pad is None or self.pad >= 0, f"pad must be >= 0, got {self.pad}"),
             (self.max_pixels > 0, f"max_pixels must be positive, got {self.max_pixels}"),
             (self.cpu_replicas >= 1, f"cpu_replicas must be >= 1, got {self.cpu_replicas}"),
+            (self.steps_per_execution >= 0,
+             f"steps_per_execution must be >= 0 (0: auto), got {self.steps_per_execution}"),
+            (self.backup_every_minutes >= 0,
+             f"backup_every_minutes must be >= 0, got {self.backup_every_minutes}"),
             (not self.init_from or os.path.exists(self.init_from),
              f"--init_from={self.init_from}: no such file"),
             (not self.data_service or re.fullmatch(r"grpc://[^:/]+:\d+", self.data_service),

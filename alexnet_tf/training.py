@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from alexnet_tf import backup as backup_lib
+from alexnet_tf import backup as backup_lib, devices
 from alexnet_tf import inputs as inputs_lib, keras_compat, layers, model as model_lib
 from alexnet_tf import preprocessing, preprocessing_layers, strategy as strategy_lib, weights
 from alexnet_tf.callbacks import DivideOnPlateau, EpochReport, StopOnNaN
@@ -142,13 +142,18 @@ def run_input_stage(model, stage):
     """Makes `stage` (a `preprocessing_layers.InputStage`) the first part of the model's train,
     test and predict steps, so that it runs on the model's device on each batch of uint8 crops
     that `make_dataset` yields with `Options(device_stage=True)`: with training=True in training
-    steps only.
+    steps only, its random draws seeded by the optimizer's step count (read, never written by the
+    stage, so that the step compiles with XLA under every strategy).
     The model itself (its layers, checkpoints and exports) is unchanged."""
 
     def staged(step, training):
         def step_with_stage(data):
             images, *rest = data if isinstance(data, tuple) else (data,)
-            return step((stage(images, training=training), *rest))
+            if training:
+                images = stage(images, training=True, step=model.optimizer.iterations)
+            else:
+                images = stage(images, training=False)
+            return step((images, *rest))
 
         return step_with_stage
 
@@ -158,11 +163,35 @@ def run_input_stage(model, stage):
     return model
 
 
+def step_settings(config, strategy, steps_per_epoch, facts=None):
+    """(jit_compile, steps_per_execution) of a run: --jit_compile and --steps_per_execution, or
+    where they say auto, what `devices` decides for this machine (`facts`)."""
+    facts = facts or devices.DeviceFacts.of_this_machine()
+    jit = (devices.jit_compile(facts) if config.jit_compile == "auto"
+           else config.jit_compile == "true")
+    replicas = strategy.num_replicas_in_sync
+    per_call = config.steps_per_execution or devices.steps_per_execution(facts, steps_per_epoch,
+                                                                         replicas)
+    if config.steps_per_execution > 1 and replicas > 1:
+        raise TrainingError(f"--steps_per_execution={per_call} fails with {replicas} replicas "
+                            "(Keras 3 feeds the steps after a call's first one nothing); give 1 "
+                            "or 0 (auto)")
+    if config.steps_per_execution and steps_per_epoch % per_call:
+        raise TrainingError(f"--steps_per_execution={per_call} does not divide the "
+                            f"{steps_per_epoch} steps of an epoch; give a divisor, or 0 (auto)")
+    return jit, per_call
+
+
 def create_model(config, inputs, strategy, steps_per_epoch, resuming):
     """The compiled model: built under the strategy, started from --init_from unless the run
     resumes from its backup, layers frozen as --trainable says, weight decay on the kernels,
-    the input stage in its steps."""
+    the input stage in its steps, XLA and steps per call as `step_settings` says."""
     pre = inputs.preprocess
+    jit, per_call = step_settings(config, strategy, steps_per_epoch)
+    # Keras compiles strategy.run whole under XLA, which fails with several replicas; then each
+    # replica's step compiles itself (keras_compat.replica_compiled_train_step). Passed
+    # explicitly: Keras turns jit_compile="auto" off under any strategy.
+    per_replica = jit and strategy.num_replicas_in_sync > 1
     with strategy.scope():
         model = build_model(config, inputs.num_classes, pre.image_size, pre.channels)
         try:
@@ -183,9 +212,13 @@ def create_model(config, inputs, strategy, steps_per_epoch, resuming):
                 keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, inputs.num_classes),
                                                             name="top5"),
             ],
-            jit_compile=config.jit_compile,
+            jit_compile=jit and not per_replica,
+            steps_per_execution=per_call,
         )
+        if per_replica:
+            keras_compat.replica_compiled_train_step(model)
         run_input_stage(model, preprocessing_layers.InputStage(pre, seed=config.seed))
+    logging.info("Training step: XLA %s, %d step(s) per call", "on" if jit else "off", per_call)
     return model
 
 
@@ -201,14 +234,16 @@ def create_callbacks(config, run, steps_per_epoch, skipped, chief):
     if plateau is not None:
         keep["plateau"] = (plateau, list(DivideOnPlateau.STATE))
     backup = backup_lib.Backup(run.backup, save_freq=config.checkpoint_every_steps or "epoch",
-                               keep=keep, history_csv=run.history)
+                               keep=keep, history_csv=run.history,
+                               every_seconds=60 * config.backup_every_minutes)
     stop_on_nan = StopOnNaN(steps_per_epoch)
     callbacks = [
         stop_on_nan,
         *([plateau] if plateau is not None else []),
         EpochReport(config.batch_size, steps_per_epoch, config.epochs, skipped, verbose=chief),
         keras.callbacks.CSVLogger(run.history, append=True),
-        keras_compat.AtomicModelCheckpoint(run.checkpoint("last")),
+        # Written when the backup is: both are the paper model's 0.2-0.5 GB.
+        keras_compat.AtomicModelCheckpoint(run.checkpoint("last"), when=backup.due_at_epoch_end),
         best,
         keras.callbacks.TensorBoard(run.tensorboard),
         backup,
@@ -285,8 +320,10 @@ def train_and_evaluate(config, workdir):
     source = inputs_lib.source_of(config)
     inputs_lib.check_splits(config, source)
     inputs = inputs_lib.prepare_inputs(config, run, source)
-    train_ds, skipped = inputs.dataset("train", True)
-    val_ds, _ = inputs.dataset("validation", False)
+    device = devices.input_device(devices.DeviceFacts.of_this_machine(),
+                                  strategy is not tf.distribute.get_strategy())
+    train_ds, skipped = inputs.dataset("train", True, device=device)
+    val_ds, _ = inputs.dataset("validation", False, device=device)
     steps_per_epoch = _steps_per_epoch(config, inputs.info)
     # Images skipped on tf.data service workers are logged there; their count stays there.
     skipped = None if config.data_service else skipped

@@ -1,29 +1,40 @@
-"""Everything a GPU user runs, checked and timed by one command (about 8 minutes on one H100).
+"""Everything a GPU user runs, checked and timed by one command in six minutes on one H100/H200.
 
     pip install -e '.[gpu]' && python benchmarks/gpu.py          # on the GPU machine
     python benchmarks/gpu.py --smoke                              # every part, tiny, on a CPU
 
-Parts, each in a process of its own (TensorFlow and PyTorch cannot share one; a part that fails
-or runs out of time becomes a row saying so, and the others go on):
+Parts, each in processes of its own (TensorFlow and PyTorch cannot share one) under a budget of
+its own (BUDGET, 360 s in all, printed); a part that fails or runs out of time becomes a row
+saying so, and the others go on:
 
     train   training img/s on synthetic uint8 batches already on the device, through the device
-            input stage: variants x batch per GPU x bfloat16/float32 (TF32) x jit_compile, and
-            each case's peak GPU memory; a float16 case under XLA checks LRN there
-    torch   the same networks in PyTorch on the same GPU: bf16 autocast, channels_last,
-            torch.compile
+            input stage, with XLA: both variants at batch 1,024 in bfloat16, the paper model in
+            float16 (LRN under XLA; --cases adds float32, TF32), and at train.py's batch
+            (--run_batch) for the ratio below; each case's peak GPU memory. One step per call
+            (train_on_batch waits for each), as a bare step's rate
+    torch   the same networks in PyTorch on the same GPU: bf16 autocast, channels_last, eager
+            and torch.compile
     input   prepared: data made from photographs (prepare.py), read by make_dataset's training
-            pipeline with 1, 2, 4 ... host cores: does input keep up with the training step?
-    run     train.py on that data through MirroredStrategy over every visible GPU, the input
-            stage on the device, a backup every 50 steps, then export.py
+            pipeline with 1, 4 ... host cores beside decoding the same files alone
+    run     train.py on that data as a user runs it (XLA and steps per call on auto), its
+            steady-state rate (epoch 2) beside the synthetic rate at the same batch; the same
+            through MirroredStrategy over two logical GPUs carved from one (the multi-replica
+            path); then export.py
     serve   the export loaded as TF Serving loads it (tests/native/load_saved_model.cc, the C
             API, XLA off): serving_default on real JPEG bytes, batch 1 and 128
+
+The cases of train and torch compile at once, each in its own process (XLA and torch.compile
+take 30-50 s a case, on the host's cores), and take turns on the GPU for their timed steps (a
+lock file), so that no case's figures include another's work.
 
 Prints one table (Markdown): part, case, img/s, ms per step or request, peak memory, note.
 """
 
+import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,26 +51,27 @@ PARTS = ("train", "torch", "input", "run", "serve")
 
 flags.DEFINE_bool("smoke", False, "Every part at tiny sizes, for a CPU (the suite runs it).")
 flags.DEFINE_list("parts", list(PARTS), "Parts to run, in this order.")
-flags.DEFINE_list("variants", ["paper", "one_weird_trick"], "Variants of train and torch.")
-flags.DEFINE_list("batch_sizes", ["256", "1024"], "Batch sizes per GPU of train and torch.")
-flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes of train and torch.")
-flags.DEFINE_list("jit", ["false", "true"], "jit_compile settings of train.")
-flags.DEFINE_integer("steps", 30, "Timed steps per case (after --warmup_steps).")
-flags.DEFINE_integer("warmup_steps", 5, "Untimed steps per case (tracing, autotuning).")
+flags.DEFINE_list("cases", ["paper b1024 bfloat16", "one_weird_trick b1024 bfloat16",
+                            "paper b1024 float16"],
+                  "Cases of train and torch: 'variant bBATCH dtype' (train also runs the paper "
+                  "model at --run_batch in bfloat16).")
+flags.DEFINE_integer("steps", 20, "Timed steps per case (after --warmup_steps).")
+flags.DEFINE_integer("warmup_steps", 3, "Untimed steps per case (tracing, XLA, autotuning).")
 flags.DEFINE_integer("images", 2048, "Photographs made and prepared for input, run and serve.")
-flags.DEFINE_integer("run_steps", 150, "train.py's steps per epoch (two epochs).")
+flags.DEFINE_integer("run_batch", 256, "train.py's batch per GPU (configs/imagenet_caffe.cfg's).")
+flags.DEFINE_integer("run_steps", 200, "train.py's steps per epoch (two epochs; epoch 2 timed).")
 flags.DEFINE_string("run_variant", "paper", "train.py's variant (--smoke: cifar, whose backups "
                     "and checkpoints are MBs, not the paper model's 0.5 GB each).")
 flags.DEFINE_string("workdir", None, "Where the data, the run and the export go (default: a "
                     "temporary directory, removed at the end).")
 flags.DEFINE_string("part", None, "Internal: run one part in this process and print its rows.")
+flags.DEFINE_string("case", None, "Internal: run one case of --part in this process.")
 FLAGS = flags.FLAGS
 
-SMOKE = dict(variants=["paper"], batch_sizes=["2"], dtypes=["float32", "bfloat16"],
-             jit=["false", "true"], steps=2, warmup_steps=1, images=48, run_steps=3,
-             run_variant="cifar")
-# Seconds each part may take before it is stopped (the whole check fits in about 8 minutes).
-BUDGET = {"train": 210, "torch": 120, "input": 90, "run": 150, "serve": 60}
+SMOKE = dict(cases=["paper b2 float32", "paper b2 float16"], steps=2, warmup_steps=1, images=48,
+             run_batch=2, run_steps=3, run_variant="cifar")
+# Seconds each part may take before it is stopped: 360 in all.
+BUDGET = {"train": 110, "torch": 60, "input": 45, "run": 120, "serve": 25}
 
 
 def emit(part, case, rate=None, ms=None, memory=None, note=""):
@@ -76,7 +88,51 @@ def one_line(error):
 # The parts, each run in a child process (`--part=NAME`)
 
 
+def parse_case(case):
+    """'paper b1024 bfloat16' -> ("paper", 1024, "bfloat16")."""
+    variant, batch, dtype = case.split()
+    return variant, int(batch.lstrip("b")), dtype
+
+
+def train_cases():
+    cases = list(FLAGS.cases)
+    at_run_batch = f"paper b{FLAGS.run_batch} bfloat16"
+    return cases if at_run_batch in cases else [*cases, at_run_batch]
+
+
+def run_cases(part, workdir, cases):
+    """Runs each case of `part` in a child process of its own, all at once: each compiles, then
+    takes the GPU lock for its timed steps. Emits their rows as they come."""
+    children = [(case, start_part(part, workdir, case)) for case in cases]
+    for case, child in children:
+        out, err = child.communicate()
+        rows = _rows(out)
+        for row in rows:
+            emit(**row)
+        if child.returncode and not rows:
+            last = (err.strip().splitlines() or ["no output"])[-1]
+            emit(part, case, note=f"FAILED: exit {child.returncode}: {one_line(last)}")
+
+
+class GpuTurn:
+    """The GPU to one case at a time: an exclusive lock on a file in the workdir."""
+
+    def __init__(self, workdir):
+        self.path = os.path.join(workdir, "gpu.lock")
+
+    def __enter__(self):
+        self.file = open(self.path, "w")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
 def part_train(workdir):
+    if FLAGS.case is None:
+        run_cases("train", workdir, train_cases())
+        return
     import keras
     import tensorflow as tf
 
@@ -84,48 +140,38 @@ def part_train(workdir):
     from alexnet_tf import preprocessing, preprocessing_layers, training
     from alexnet_tf.model import DEFAULT_IMAGE_SIZE
 
+    variant, batch, dtype = parse_case(FLAGS.case)
     gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:  # several cases share the GPU while they compile
+        tf.config.experimental.set_memory_growth(gpu, True)
     device = "/gpu:0" if gpus else "/cpu:0"
-    # Every combination; --smoke: each dtype and each jit setting once (zipped), which is all
-    # that a check that the code runs needs.
-    pairs = (list(zip(FLAGS.dtypes, FLAGS.jit)) if FLAGS.smoke
-             else [(d, j) for d in FLAGS.dtypes for j in FLAGS.jit])
-    cases = [(v, int(b), d, j == "true") for v in FLAGS.variants for b in FLAGS.batch_sizes
-             for d, j in pairs]
-    # LRN under XLA in float16 (openxla/xla#43450 fails on it): the layer computes in float32.
-    cases.append((FLAGS.variants[0], int(FLAGS.batch_sizes[0]), "float16", True))
-    for variant, batch, dtype, jit in cases:
-        case = f"{variant} b{batch} {dtype} jit={'on' if jit else 'off'}"
-        try:
-            keras.backend.clear_session()
-            keras.config.set_dtype_policy("float32" if dtype == "float32" else f"mixed_{dtype}")
-            if gpus:
-                tf.config.experimental.reset_memory_stats("GPU:0")
-            size = DEFAULT_IMAGE_SIZE[variant]
-            model = alexnet_tf.AlexNet(variant=variant)
-            model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                          jit_compile=jit)
-            pre = preprocessing.PreprocessConfig(image_size=size, resize_size=256)
-            training.run_input_stage(model, preprocessing_layers.InputStage(pre, seed=0))
-            with tf.device(device):  # on the device already: the step alone is timed
-                images = tf.cast(tf.random.uniform([batch, size, size, 3], 0, 256, tf.int32),
-                                 tf.uint8)
-                labels = tf.random.uniform([batch], 0, 1000, tf.int32)
-            for _ in range(FLAGS.warmup_steps):
-                model.train_on_batch(images, labels)
-            start = time.perf_counter()
-            for _ in range(FLAGS.steps):
-                loss = model.train_on_batch(images, labels)
-            elapsed = time.perf_counter() - start
-            peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-                    if gpus else None)
-            note = "" if np_finite(loss) else "loss not finite"
-            emit("train", case, FLAGS.steps * batch / elapsed, 1000 * elapsed / FLAGS.steps,
-                 peak, note)
-        except Exception as e:  # a case that fails is a row; the others go on
-            emit("train", case, note=f"FAILED: {type(e).__name__}: {one_line(e)}")
-    keras.config.set_dtype_policy("float32")
+    # Every case with XLA, as train.py runs on a GPU (jit_compile auto). float16: LRN under
+    # XLA (openxla/xla#43450 fails on TensorFlow's own in float16; the layer computes in
+    # float32). float32 runs as TF32 on the tensor cores (TensorFlow's default).
+    keras.config.set_dtype_policy("float32" if dtype == "float32" else f"mixed_{dtype}")
+    size = DEFAULT_IMAGE_SIZE[variant]
+    model = alexnet_tf.AlexNet(variant=variant)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+    pre = preprocessing.PreprocessConfig(image_size=size, resize_size=256)
+    training.run_input_stage(model, preprocessing_layers.InputStage(pre, seed=0))
+    with tf.device(device):  # on the device already: the step alone is timed
+        images = tf.cast(tf.random.uniform([batch, size, size, 3], 0, 256, tf.int32), tf.uint8)
+        labels = tf.random.uniform([batch], 0, 1000, tf.int32)
+    model.train_on_batch(images, labels)  # traces and compiles, beside the other cases
+    with GpuTurn(workdir):
+        for _ in range(FLAGS.warmup_steps):
+            model.train_on_batch(images, labels)
+        if gpus:
+            tf.config.experimental.reset_memory_stats("GPU:0")
+        start = time.perf_counter()
+        for _ in range(FLAGS.steps):
+            loss = model.train_on_batch(images, labels)
+        elapsed = time.perf_counter() - start
+    peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20 if gpus else None
+    emit("train", f"{FLAGS.case} XLA", FLAGS.steps * batch / elapsed,
+         1000 * elapsed / FLAGS.steps, peak, "" if np_finite(loss) else "loss not finite")
 
 
 def np_finite(value):
@@ -135,29 +181,30 @@ def np_finite(value):
 
 
 def part_torch(workdir):
-    import contextlib
-
     import torch
+
+    cuda = torch.cuda.is_available()
+    if FLAGS.case is None:
+        # Eager and torch.compile for the bfloat16 cases (PyTorch's best on this GPU); on a
+        # CPU, eager only.
+        cases = [f"{case} {mode}" for case in FLAGS.cases if cuda or case == FLAGS.cases[0]
+                 for mode in (["eager", "compile"] if cuda else ["eager"])
+                 if parse_case(case)[2] == "bfloat16" or not cuda]
+        run_cases("torch", workdir, cases)
+        return
+    variant, batch, dtype, mode = (*parse_case(" ".join(FLAGS.case.split()[:3])),
+                                   FLAGS.case.split()[3])
+    emit("torch", FLAGS.case, *_torch_rate(torch, "cuda" if cuda else "cpu", variant, batch,
+                                           dtype, mode == "compile", workdir))
+
+
+def _torch_rate(torch, device, variant, batch, dtype, compiled, workdir):
+    """(img/s, ms/step, peak MB) of SGD-momentum training of the same network."""
+    import contextlib
 
     from alexnet_tf.model import DEFAULT_IMAGE_SIZE
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    for variant in FLAGS.variants:
-        for batch in (int(b) for b in FLAGS.batch_sizes):
-            for dtype in FLAGS.dtypes:
-                for compiled in ([False, True] if cuda else [False]):
-                    case = f"{variant} b{batch} {dtype}{' compile' if compiled else ''}"
-                    try:
-                        emit("torch", case, *_torch_rate(torch, contextlib, device, variant, batch,
-                                                         DEFAULT_IMAGE_SIZE[variant], dtype,
-                                                         compiled))
-                    except Exception as e:
-                        emit("torch", case, note=f"FAILED: {type(e).__name__}: {one_line(e)}")
-
-
-def _torch_rate(torch, contextlib, device, variant, batch, size, dtype, compiled):
-    """(img/s, ms/step, peak MB) of SGD-momentum training of the same network."""
+    size = DEFAULT_IMAGE_SIZE[variant]
     torch.manual_seed(0)
     model = common.torch_alexnet(variant).to(device).to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compiled else model
@@ -166,11 +213,12 @@ def _torch_rate(torch, contextlib, device, variant, batch, size, dtype, compiled
     images = torch.rand(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        autocast = (torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16"
-                    else contextlib.nullcontext())
+        autocast = (torch.autocast(device, dtype=getattr(torch, dtype))
+                    if dtype != "float32" else contextlib.nullcontext())
         with autocast:
             loss = loss_fn(step_model(images), labels)
         loss.backward()
@@ -180,16 +228,19 @@ def _torch_rate(torch, contextlib, device, variant, batch, size, dtype, compiled
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(FLAGS.warmup_steps):
-        step()
+    step()  # compiles, beside the other cases
     sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(FLAGS.steps):
-        step()
-    sync()
-    elapsed = time.perf_counter() - start
+    with GpuTurn(workdir):
+        for _ in range(FLAGS.warmup_steps):
+            step()
+        sync()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(FLAGS.steps):
+            step()
+        sync()
+        elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     return FLAGS.steps * batch / elapsed, 1000 * elapsed / FLAGS.steps, peak
 
@@ -216,11 +267,9 @@ def part_input(workdir):
 
     source = sources.Source(f"prepared:{prepared_data(workdir)}")
     pre = inputs.preprocess_config(source.info("train"))
-    batch = int(FLAGS.batch_sizes[0])
-    cores, counts = os.cpu_count(), []
-    while not counts or counts[-1] < cores:
-        counts.append(min(cores, 2 ** len(counts)))
-    for threads in counts:
+    batch = FLAGS.run_batch
+    cores = os.cpu_count()
+    for threads in sorted({1, min(4, cores), cores}):
         ds, _ = data.make_dataset(source, "train", True, batch, pre,
                                   data.Options(repeat=True, device_stage=True, seed=0))
         options = tf.data.Options()
@@ -229,42 +278,74 @@ def part_input(workdir):
         for _ in range(2):
             next(iterator)
         start, count = time.perf_counter(), 0
-        while time.perf_counter() - start < (1 if FLAGS.smoke else 5):
+        while time.perf_counter() - start < (1 if FLAGS.smoke else 4):
             count += int(next(iterator)[0].shape[0])
         elapsed = time.perf_counter() - start
         emit("input", f"prepared b{batch}, {threads} host core(s)", count / elapsed,
-             1000 * elapsed * batch / count)
+             1000 * elapsed * batch / count, note=f"{count / elapsed / threads:,.0f} img/s a core")
+
+
+# train.py as a user runs it on two logical GPUs carved from one: the logical devices must be
+# made before TensorFlow starts, so a small launcher makes them, then runs train.py's main.
+TWO_LOGICAL_GPUS = """
+import runpy, sys
+import tensorflow as tf
+gpu = tf.config.list_physical_devices("GPU")[0]
+tf.config.set_logical_device_configuration(
+    gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=30000)] * 2)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _train_py(workdir, name, batch, epochs, steps, extra=(), launcher=None):
+    """Runs train.py; (its last epoch's img/s from history.csv, wall seconds) or a failure."""
+    run = os.path.join(workdir, name)
+    shutil.rmtree(run, ignore_errors=True)
+    args = [f"--dataset=prepared:{prepared_data(workdir)}", f"--variant={FLAGS.run_variant}",
+            f"--batch_size={batch}", f"--epochs={epochs}", f"--steps_per_epoch={steps}",
+            "--mixed_precision=auto", "--eval_steps=1", f"--workdir={run}", *extra]
+    command = [sys.executable, *(["-c", launcher] if launcher else []),
+               os.path.join(ROOT, "train.py"), *args]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        raise RuntimeError(one_line((result.stderr.strip().splitlines() or ["?"])[-1]))
+    with open(os.path.join(run, "history.csv")) as f:
+        rows = f.read().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    return float(last[header.index("images_per_sec")]), seconds, run
 
 
 def part_run(workdir):
     import tensorflow as tf
 
-    replicas = len(tf.config.list_physical_devices("GPU"))
-    cpu = replicas == 0
-    batch = int(FLAGS.batch_sizes[0]) * max(replicas, 2 if cpu else 1)
-    run = os.path.join(workdir, "run")
-    shutil.rmtree(run, ignore_errors=True)
-    args = [f"--dataset=prepared:{prepared_data(workdir)}", f"--variant={FLAGS.run_variant}",
-            "--strategy=mirrored",
-            f"--batch_size={batch}", "--epochs=2", f"--steps_per_epoch={FLAGS.run_steps}",
-            "--checkpoint_every_steps=50", "--mixed_precision=auto", "--eval_steps=1",
-            f"--workdir={run}", *(["--cpu_replicas=2"] if cpu else [])]
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
-                            capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode:
-        emit("run", "train.py", note=f"FAILED: {one_line(result.stderr.strip().splitlines()[-1])}")
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    batch = FLAGS.run_batch
+    run = None
+    try:
+        rate, seconds, run = _train_py(workdir, "run", batch, 2, FLAGS.run_steps)
+        emit("run", f"train.py {FLAGS.run_variant}, 1 {'GPU' if gpus else 'CPU'}, batch {batch}",
+             rate, 1000 * batch / rate,
+             note=f"epoch 2 of 2 x {FLAGS.run_steps} steps; {seconds:.0f} s with start-up")
+    except RuntimeError as e:
+        emit("run", "train.py", note=f"FAILED: {e}")
+    # The multi-replica path: XLA compiled per replica (keras_compat.replica_compiled_train_step).
+    try:
+        steps = max(FLAGS.run_steps // 3, 2)
+        extra = ["--strategy=mirrored", "--jit_compile=true",
+                 *(["--cpu_replicas=2"] if not gpus else [])]
+        rate, seconds, _ = _train_py(workdir, "run_mirrored", 2 * batch, 1, steps, extra,
+                                     launcher=TWO_LOGICAL_GPUS if gpus else None)
+        emit("run", f"train.py {FLAGS.run_variant}, MirroredStrategy over 2 logical "
+             f"{'GPUs of one' if gpus else 'CPUs'}, batch {batch} each", rate,
+             1000 * 2 * batch / rate, note=f"1 epoch of {steps} steps; {seconds:.0f} s with "
+             "start-up")
+    except RuntimeError as e:
+        emit("run", "train.py MirroredStrategy", note=f"FAILED: {e}")
+    if run is None:
         return
-    with open(os.path.join(run, "history.csv")) as f:
-        rows = f.read().splitlines()
-    header, last = rows[0].split(","), rows[-1].split(",")
-    rate = float(last[header.index("images_per_sec")])
-    emit("run", f"train.py {FLAGS.run_variant}, {replicas or 2} {'CPU' if cpu else 'GPU'} "
-         "replica(s), "
-         f"global batch {batch}", rate, 1000 * batch / rate,
-         note=f"2 epochs x {FLAGS.run_steps} steps in {seconds:.0f} s with start-up; "
-              "epoch 2's rate; backups every 50 steps")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), f"--workdir={run}",
                              f"--export_dir={os.path.join(workdir, 'export')}", "--overwrite",
                              "--version=1"], capture_output=True, text=True)
@@ -318,7 +399,7 @@ def machine():
         facts.append(f"{len(names)} x {names[0]} (CUDA {cuda})" if names else "no GPU")
     else:
         facts.append(f"no GPU (CPU, {os.cpu_count()} cores)")
-    for package in ("tensorflow", "keras", "torch"):
+    for package in ("tensorflow", "keras", "torch", "nvidia-cudnn-cu12", "nvidia-cudnn-cu13"):
         try:
             facts.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
@@ -326,22 +407,25 @@ def machine():
     return "; ".join(facts)
 
 
-def start_part(part, workdir):
-    """A child process running one part with this command's flags."""
+def start_part(part, workdir, case=None):
+    """A child process running one part (or one case of it) with this command's flags, in a
+    process group of its own, so that a part stopped at its budget takes its cases along."""
     command = [sys.executable, os.path.abspath(__file__), f"--part={part}", f"--workdir={workdir}",
-               *[a for a in sys.argv[1:] if not a.startswith(("--part=", "--workdir="))]]
+               *([f"--case={case}"] if case else []),
+               *[a for a in sys.argv[1:] if not a.startswith(("--part=", "--workdir=", "--case="))]]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"))
+                            env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"),
+                            start_new_session=case is None)
 
 
 def finish_part(part, child):
     """The rows of a part's child process; a failure, or a part that outlives its budget (it
-    is then stopped), is a row too."""
+    is then stopped, its cases with it), is a row too."""
     limit = BUDGET[part]
     try:
         out, err = child.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
-        child.kill()
+        os.killpg(child.pid, signal.SIGKILL)
         out, _ = child.communicate()
         return _rows(out) + [dict(part=part, case="-", rate=None, ms=None, memory=None,
                                   note=f"STOPPED after {limit} s")]
@@ -368,6 +452,18 @@ def table(rows):
     return "\n".join(lines)
 
 
+def ratio(rows):
+    """train.py's rate on one device over the synthetic rate of its model at its batch."""
+    synthetic = next((r["rate"] for r in rows if r["part"] == "train" and r["rate"]
+                      and r["case"].startswith(f"paper b{FLAGS.run_batch} bfloat16")), None)
+    run = next((r["rate"] for r in rows if r["part"] == "run" and r["rate"]
+                and "Mirrored" not in r["case"]), None)
+    if synthetic is None or run is None or FLAGS.run_variant != "paper":
+        return "train.py / synthetic: not measured (a part failed, or --run_variant is not paper)"
+    return (f"train.py / synthetic at batch {FLAGS.run_batch}: {run:,.0f} / {synthetic:,.0f} = "
+            f"{run / synthetic:.2f}")
+
+
 def main(argv):
     del argv  # flags only
     if FLAGS.smoke:
@@ -385,6 +481,7 @@ def main(argv):
         raise app.UsageError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
     temporary = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="alexnet_tf_gpu_")
+    os.makedirs(workdir, exist_ok=True)
     start = time.perf_counter()
     print(f"{machine()}\n{' '.join(['python benchmarks/gpu.py', *sys.argv[1:]])}", flush=True)
     rows = []
@@ -401,7 +498,9 @@ def main(argv):
         if temporary:
             shutil.rmtree(workdir, ignore_errors=True)
     print(table(rows))
-    print(f"in all {time.perf_counter() - start:.0f} s", flush=True)
+    print(ratio(rows))
+    print(f"in all {time.perf_counter() - start:.0f} s; budgets "
+          f"{' + '.join(f'{p} {BUDGET[p]}' for p in PARTS)} = {sum(BUDGET.values())} s", flush=True)
     failed = [r for r in rows if r["note"].startswith(("FAILED", "STOPPED"))]
     if failed:
         sys.exit(1)

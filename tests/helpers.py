@@ -170,7 +170,7 @@ def tiny_idx(tmp_path, n=256):
 def tiny_config(tmp_path, **overrides):
     fields = dict(dataset=tiny_idx(tmp_path), variant="cifar", lrn="tf_cifar10", init="keras",
                   batch_size=32, epochs=1, steps_per_epoch=2, eval_steps=1,
-                  learning_rate=0.01, schedule="constant", seed=1)
+                  learning_rate=0.01, schedule="constant", seed=1, backup_every_minutes=0)
     fields.update(overrides)
     from alexnet_tf import train_config
 
@@ -198,7 +198,11 @@ def pixel_eigenvalues(jpeg_paths):
 
 
 def run_train(args, cwd, env=None, **kwargs):
+    """train.py with `args`; a backup at every epoch end unless they say otherwise (the tests
+    check resuming from those; test_backup checks the time rule of the default)."""
     env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    if not any(a.startswith("--backup_every_minutes") for a in args):
+        args = [*args, "--backup_every_minutes=0"]
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
                           capture_output=True, text=True, cwd=cwd, env=env, **kwargs)
 

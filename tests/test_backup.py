@@ -180,3 +180,60 @@ def test_model_checkpoint_is_replaced_only_by_a_complete_file(tmp_path, monkeypa
     # The next save clears the half-written file; no improvement writes nothing.
     checkpoint.on_epoch_end(2, {"val_top1": 0.1})
     assert path.read_bytes() == first and os.listdir(tmp_path) == ["best.keras"]
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_backups_follow_the_clock_and_the_last_epoch_always_saves(tmp_path):
+    clock = Clock()
+    model = small_model()
+    backup = backup_lib.Backup(str(tmp_path / "backup"), every_seconds=60, clock=clock)
+    backup.set_model(model)
+    backup.set_params({"epochs": 5, "steps": 4})
+    last = keras_compat.AtomicModelCheckpoint(str(tmp_path / "last.keras"),
+                                            when=backup.due_at_epoch_end)
+    last.set_model(model)
+    backup.on_train_begin()
+    saved = []  # (epoch, step) of each save: step None for an epoch's end
+    for epoch in range(5):  # epochs of 25 s, then one of 100 s (its steps 25 s apart)
+        backup.on_epoch_begin(epoch)
+        for step in range(4):
+            backup.on_train_batch_begin(step)
+            if backup._state and backup._state["serial"] > len(saved):
+                saved.append((epoch, step))
+            clock.now += 25 if epoch == 3 else 25 / 4
+            backup.on_train_batch_end(step, {"loss": 1.0})
+        serial = (backup._state or {}).get("serial", 0)
+        had_last = (tmp_path / "last.keras").exists() and os.path.getmtime(tmp_path / "last.keras")
+        last.on_epoch_end(epoch, {})
+        backup.on_epoch_end(epoch)
+        if backup._state and backup._state["serial"] > serial:
+            saved.append((epoch, None))
+            assert (tmp_path / "last.keras").exists()
+        else:
+            assert not (tmp_path / "last.keras").exists() or had_last
+    # 25 s epochs: the third ends 75 s in (>= 60); the fourth is 100 s long: a save at its
+    # third step (60 s after the last), none at its end (40 s later); the last epoch always.
+    assert saved == [(2, None), (3, 3), (4, None)]
+    state = json.loads((tmp_path / "backup" / "state.json").read_text())
+    assert state["epoch"] == 5
+
+
+def test_a_zero_interval_saves_every_epoch_end(tmp_path):
+    model = small_model()
+    backup = backup_lib.Backup(str(tmp_path), every_seconds=0, clock=Clock())
+    backup.set_model(model)
+    backup.set_params({"epochs": 3, "steps": 2})
+    for epoch in range(3):
+        backup.on_epoch_begin(epoch)
+        backup.on_train_batch_begin(1)  # no mid-epoch save without an interval
+        backup.on_epoch_end(epoch)
+        assert json.loads((tmp_path / "state.json").read_text())["serial"] == epoch + 1

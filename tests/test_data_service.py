@@ -159,6 +159,7 @@ def train_py(tmp_path, service, epochs):
          "--variant=cifar", "--lrn=tf_cifar10", "--init=keras", "--batch_size=16",
          f"--epochs={epochs}", "--steps_per_epoch=8", "--eval_steps=1",
          "--learning_rate=0.01", "--schedule=constant", f"--data_service={service.address}",
+         "--backup_every_minutes=0",
          f"--workdir={tmp_path / 'run'}"],
         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)

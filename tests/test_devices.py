@@ -39,6 +39,21 @@ def test_each_choice_follows_the_machine(machine, precision, lrn_kernel, dense_k
     assert devices.dense_implementation(facts) == dense_kernel
     assert devices.replica_devices(facts, CPUS) == replicas
     assert devices.decode_device(facts) == "/cpu:0"
+    gpu = bool(facts.gpus)
+    # XLA, several steps per call and the batches copied ahead: GPUs only.
+    assert devices.jit_compile(facts) is gpu
+    assert devices.steps_per_execution(facts, 5000) == (20 if gpu else 1)
+    assert devices.input_device(facts, strategy_copies=False) == ("/gpu:0" if gpu else None)
+    assert devices.input_device(facts, strategy_copies=True) is None
+
+
+@pytest.mark.parametrize("steps_per_epoch, replicas, expected", [
+    (5000, 1, 20), (150, 1, 15), (7, 1, 7), (97, 1, 1), (5000, 2, 1)])
+def test_steps_per_call_divide_the_epoch_and_are_one_with_several_replicas(
+        steps_per_epoch, replicas, expected):
+    # An epoch must end at a call's end; Keras 3 fails calls of several steps with several
+    # replicas.
+    assert devices.steps_per_execution(MACHINES["H100"], steps_per_epoch, replicas) == expected
 
 
 def test_this_machines_facts_are_read_from_its_cpuinfo(tmp_path):

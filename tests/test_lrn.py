@@ -122,3 +122,30 @@ def test_mixed_precision_computes_in_float32(policy, dtype):
     assert out.dtype == dtype
     expected = lrn_reference(a, 5, 2.0, 1e-4, 0.75)
     np.testing.assert_allclose(tf.cast(out, tf.float32).numpy(), expected, rtol=1e-2)
+
+
+@pytest.mark.parametrize("implementation", ["tf", "fused"])
+def test_float16_lrn_under_xla_matches_the_formula(implementation):
+    # TensorFlow's own LRN fails under XLA in float16 (openxla/xla#43450); the layer computes
+    # in float32, so a float16 model compiles with XLA and keeps the paper's values, its
+    # gradient too (finite, where a float16 sum of squares would overflow).
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        layer = LocalResponseNormalization.from_preset("paper", implementation=implementation)
+        a = np.random.default_rng(0).uniform(-400, 400, (2, 3, 3, 16)).astype(np.float16)
+
+        @tf.function(jit_compile=True)
+        def forward_and_gradient(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                total = tf.reduce_sum(tf.cast(y, tf.float32))
+            return y, tape.gradient(total, x)
+
+        out, gradient = forward_and_gradient(tf.constant(a))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert out.dtype == tf.float16
+    expected = lrn_reference(a.astype(np.float32), 5, 2.0, 1e-4, 0.75)
+    np.testing.assert_allclose(tf.cast(out, tf.float32).numpy(), expected, rtol=2e-3, atol=1e-3)
+    assert np.all(np.isfinite(tf.cast(gradient, tf.float32).numpy()))

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 import pytest
 
-from alexnet_tf import callbacks, preprocessing, train_config, training
+from alexnet_tf import callbacks, preprocessing, preprocessing_layers, train_config, training
 from alexnet_tf import strategy as strategy_lib
 from tests.helpers import (ROOT, assert_one_line_error, history, pixel_eigenvalues, run_train,
                            settled_inputs, tiny_config, tiny_idx, write_folder_tree)
@@ -87,6 +87,88 @@ def test_mirrored_over_two_logical_cpus(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 replica(s)" in result.stderr
     assert os.path.exists(tmp_path / "run" / "results.json")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["none", "bfloat16", "float16"])
+def test_xla_trains_under_mirrored_over_two_logical_cpus(tmp_path, precision):
+    # Keras compiles strategy.run whole and fails with several replicas ("Trying to access
+    # resource .../replica_1"); each replica's step compiles itself instead. Without dropout,
+    # and with the input stage seeded by (seed, step, replica), XLA and plain TensorFlow train
+    # the same weights.
+    weights = {}
+    for jit in ("true", "false"):
+        workdir = tmp_path / f"run_{jit}"
+        result = run_train([f"--dataset={tiny_idx(tmp_path)}", "--variant=cifar", "--init=keras",
+                            "--lrn=tf_cifar10", "--dropout=0", "--seed=3",
+                            "--strategy=mirrored", "--cpu_replicas=2", "--batch_size=32",
+                            "--epochs=1", "--steps_per_epoch=3", "--eval_steps=1",
+                            f"--mixed_precision={precision}", f"--jit_compile={jit}",
+                            f"--workdir={workdir}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "2 replica(s)" in result.stderr
+        assert f"XLA {'on' if jit == 'true' else 'off'}, 1 step(s) per call" in result.stderr
+        model = keras.models.load_model(workdir / "checkpoints" / "last.keras")
+        if precision != "float16":  # a loss-scale optimizer's state does not load in float32
+            assert int(model.optimizer.iterations) == 3
+        weights[jit] = model.get_weights()
+    tolerance = 1e-4 if precision == "none" else 5e-2
+    for xla, plain in zip(weights["true"], weights["false"]):
+        np.testing.assert_allclose(xla, plain, atol=tolerance, rtol=tolerance)
+
+
+def test_steps_per_call_are_checked_against_the_epoch_and_the_replicas(tmp_path):
+    config = tiny_config(tmp_path, steps_per_execution=3, steps_per_epoch=10)
+    with pytest.raises(train_config.TrainingError, match="does not divide the 10 steps"):
+        training.step_settings(config, tf.distribute.get_strategy(), 10)
+    config = tiny_config(tmp_path, steps_per_execution=2, steps_per_epoch=10)
+    two = type("TwoReplicas", (), {"num_replicas_in_sync": 2})()
+    with pytest.raises(train_config.TrainingError, match="fails with 2 replicas"):
+        training.step_settings(config, two, 10)
+    assert training.step_settings(config, tf.distribute.get_strategy(), 10)[1] == 2
+
+
+def test_several_steps_per_call_train_every_step_and_keep_the_schedule(tmp_path):
+    # 4 epochs of 6 steps in calls of 3: the step count and the cosine schedule's learning
+    # rate are those of 24 steps, whatever the call size.
+    config = tiny_config(tmp_path, epochs=4, steps_per_epoch=6, steps_per_execution=3,
+                         schedule="cosine", learning_rate=0.1)
+    workdir = tmp_path / "run"
+    training.train_and_evaluate(config, str(workdir))
+    model = keras.models.load_model(workdir / "checkpoints" / "last.keras")
+    assert int(model.optimizer.iterations) == 24
+    rates = [float(r["learning_rate"]) for r in history(workdir)]
+    expected = [0.1 * 0.5 * (1 + np.cos(np.pi * 6 * (e + 1) / 24)) for e in range(4)]
+    np.testing.assert_allclose(rates, expected, atol=1e-6)
+
+
+def test_the_epoch_rate_leaves_out_the_first_call_and_validation():
+    now = [0.0]
+    report = callbacks.EpochReport(global_batch=10, steps_per_epoch=4, epochs=1, verbose=False,
+                                   clock=lambda: now[0])
+    report.set_model(type("M", (), {"optimizer": keras.optimizers.SGD(0.1)})())
+    report.on_epoch_begin(0)
+    for batch, seconds in enumerate([30.0, 1.0, 1.0, 1.0]):  # the first call compiles
+        report.on_train_batch_begin(batch)
+        now[0] += seconds
+        report.on_train_batch_end(batch)
+    now[0] += 20.0  # validation
+    logs = {}
+    report.on_epoch_end(0, logs)
+    assert logs["images_per_sec"] == pytest.approx(3 * 10 / 3.0)
+
+
+def test_the_input_stage_draws_from_the_seed_and_the_step():
+    pre = preprocessing.PreprocessConfig(image_size=8, resize_size=8)
+    images = tf.cast(tf.random.stateless_uniform([4, 8, 8, 3], [1, 2], 0, 255), tf.uint8)
+
+    def draw(seed, step):
+        stage = preprocessing_layers.InputStage(pre, seed=seed)
+        return stage(images, training=True, step=tf.constant(step, tf.int64)).numpy()
+
+    np.testing.assert_array_equal(draw(5, 7), draw(5, 7))  # a resumed step draws the same
+    assert not np.array_equal(draw(5, 7), draw(5, 8))
+    assert not np.array_equal(draw(5, 7), draw(6, 7))
 
 
 def _free_ports(n):
