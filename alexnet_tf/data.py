@@ -1,9 +1,12 @@
-"""The tf.data input pipeline: one split of a `sources.Source` as batches of model inputs, or
-of uint8 crops for the device stage (`preprocessing_layers.InputStage`).
+"""The tf.data input pipeline: one split of a `sources.Source` as batches of uint8 crops, which
+`preprocessing_layers.InputStage` turns into model inputs on the model's device.
 
 `make_dataset(source, split, training, batch_size, preprocess, options)` reads as its steps:
 records → the check of their bytes → cache → shuffle → repeat → a route (`ROUTES`: cut each
-image, batch, check the labels, augment each batch) → the tf.data service → prefetch.
+image, batch, check the labels) → the tf.data service → prefetch. The host does only what must
+be on the host: reading, decoding and cutting. `on_host(dataset, ...)` finishes the crops on the
+host instead (flip, PCA lighting, normalisation), for callers that want model inputs from the
+pipeline itself.
 """
 
 import dataclasses
@@ -14,7 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from alexnet_tf import image_bytes, preprocessing, sources
-from alexnet_tf.pipeline_steps import (apply, augmenter, evaluation_steps, photo_training_steps,
+from alexnet_tf.pipeline_steps import (apply, evaluation_steps, host_stage, photo_training_steps,
                                        prepared_evaluation_steps, readable_filter, seeds,
                                        small_image_training_steps, ten_crop_steps)
 from alexnet_tf.sources import DataError, SourceKind
@@ -38,10 +41,6 @@ class Options:
             validation iterator every epoch, so each epoch would wait (BENCHMARKS.md, "Input
             pipelines", gives the cost). Without it, parallel stages run one call per core and
             prefetch buffers grow on demand, at the same measured throughput.
-        device_stage: stop at uint8 crops (ten-crop: [B, 10, H, W, C]); the caller runs
-            `preprocessing_layers.InputStage(preprocess)` on each batch on its device (flip and PCA
-            lighting in training, normalisation), as train.py does. Default: the host does
-            everything and the batches are float32 model inputs.
         data_service: "grpc://HOST:PORT" of a tf.data service dispatcher (training only): the
             pipeline runs on its workers in distributed_epoch mode (each file goes to one worker
             per epoch) and this process receives the batches; with `repeat`, epoch after epoch.
@@ -52,6 +51,9 @@ class Options:
             of class by class (`Source.records`), for a sample of a split's first images.
         device: copy each batch to this device ahead of its use ("/gpu:0"), as the pipeline's
             last step, so that a training step does not wait for its batch's copy.
+        batches: at most this many batches (evaluation of a split's first batches). The
+            pipeline ends there, as Keras' calls of several steps need: given `steps` instead,
+            they run every step of their last call, past it.
     """
 
     seed: int | None = None
@@ -62,10 +64,10 @@ class Options:
     ten_crop: bool = False
     input_context: object = None
     autotune: bool = False
-    device_stage: bool = False
     data_service: str | None = None
     order_seed: int | None = None
     device: str | None = None
+    batches: int | None = None
 
 
 class SkipCounter:
@@ -102,7 +104,10 @@ class _Pipeline:
 
 
 def make_dataset(source, split, training, batch_size, preprocess, options=Options()):
-    """The batched, preprocessed tf.data pipeline of one split.
+    """The batched tf.data pipeline of one split: uint8 crops [B, H, W, C] (ten crops:
+    [B, 10, H, W, C]) and int labels. Run `preprocessing_layers.InputStage(preprocess)` on each
+    batch on the model's device (`training.run_input_stage` puts it in the model's steps), or
+    `on_host` for model inputs from the pipeline.
 
     Args:
         source: a `sources.Source`, or a source string (module docstring of `sources`).
@@ -137,6 +142,19 @@ def make_dataset(source, split, training, batch_size, preprocess, options=Option
     if options.data_service:
         ds = _through_service(ds, options.data_service, options.repeat)
     return _finish_pipeline(ds, options), p.skipped.count
+
+
+def on_host(dataset, preprocess, training, options=Options()):
+    """`dataset` (make_dataset's uint8 crops) finished on the host: flip and PCA lighting in
+    training, then normalisation, as `preprocessing_layers.InputStage` does on a device; float32
+    model inputs. For pipelines whose consumer is not a model with the stage in its steps (a
+    Keras model of one's own, the image grid, int8 calibration). `options`: its seed and
+    determinism, as given to make_dataset."""
+    deterministic = options.deterministic
+    if deterministic is None:
+        deterministic = options.seed is not None or not training
+    options = dataclasses.replace(options, deterministic=deterministic)
+    return apply(dataset, host_stage(preprocess, training), options).prefetch(tf.data.AUTOTUNE)
 
 
 def _pipeline(info, preprocess, training, batch_size, options, source):
@@ -239,7 +257,7 @@ def _prepared_training(ds, p):
         crops, num_parallel_calls=tf.data.AUTOTUNE, deterministic=p.options.deterministic)
     ds = ds.ignore_errors(log_warning=True)
     ds = ds.filter(lambda images, labels: tf.size(labels) > 0).map(check_labels)
-    return apply(ds, augmenter(preprocess, p.options.device_stage), p.options)
+    return ds
 
 
 def _checked_labels(labels, origins, num_classes):
@@ -286,6 +304,8 @@ def _finish_pipeline(ds, options):
         # Already sharded by Source.records; stop tf.distribute from sharding a second time.
         settings.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.OFF)
+    if options.batches:
+        ds = ds.take(options.batches)
     ds = ds.with_options(settings).prefetch(tf.data.AUTOTUNE)
     if options.device:
         ds = ds.apply(tf.data.experimental.prefetch_to_device(options.device, buffer_size=2))

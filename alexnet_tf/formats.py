@@ -122,7 +122,7 @@ def calibration_images(workdir, config, count=CALIBRATION_IMAGES):
     scans.check_split(source, "train", 1, "int8 calibration", config.max_pixels)
     dataset, _ = data.make_dataset(source, "train", False, count, config,
                                    data.Options(order_seed=0))
-    images, _ = next(iter(dataset))
+    images, _ = next(iter(data.on_host(dataset, config, training=False)))
     return images.numpy()
 
 

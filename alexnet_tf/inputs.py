@@ -117,7 +117,8 @@ class Inputs:
         """The training split's DatasetInfo (listed once, by the Source)."""
         return self.source.info("train")
 
-    def dataset(self, split, training, ten_crop=False, service=True, device=None):
+    def dataset(self, split, training, ten_crop=False, service=True, device=None,
+                batches=None):
         """(dataset, skipped-image counter) of a split: a plain dataset of global batches of
         uint8 crops, which the model's steps pass through the InputStage first
         (`training.run_input_stage`). Keras splits it across the replicas and, with several
@@ -125,13 +126,13 @@ class Inputs:
         distribute_datasets_from_function's PerReplica. With --data_service a training pipeline
         runs on its workers, unless `service` is False (one batch for the image grid: a service
         job would make the workers start on a whole epoch). `device`: where each batch is
-        copied ahead of its step (`devices.input_device`)."""
+        copied ahead of its step (`devices.input_device`); `batches`: at most this many."""
         config = self.config
         options = data.Options(
             seed=config.seed, cache=config.cache, shuffle_buffer=config.shuffle_buffer,
-            repeat=training, ten_crop=ten_crop, device_stage=True,
+            repeat=training, ten_crop=ten_crop,
             data_service=config.data_service if training and service else None,
-            device=device)
+            device=device, batches=batches)
         return data.make_dataset(self.source, split, training, config.batch_size,
                                  self.preprocess, options)
 

@@ -61,35 +61,26 @@ def _channels_fitter(channels):
     return fit
 
 
-def _normalizer(preprocess, device_stage):
-    """The per-batch step of evaluation: normalisation, or none when the device does it.
-    Per batch because, per image, these small ops cost more than they do."""
-    if device_stage:
-        return None
+def host_stage(preprocess, training):
+    """The per-batch step that finishes uint8 crops on the host (data.on_host): flip, PCA
+    lighting and normalisation in training, normalisation in evaluation; the same functions as
+    preprocessing_layers.InputStage, which train.py runs on its device instead. XLA fuses them
+    into one pass over the batch: tf.data runs each op of a map single-threaded, and op by op
+    this stage was much slower (benchmarks/input_pipeline.py --ablation)."""
+    if training:
+        return Step(tf.function(
+            lambda images, s: preprocessing.augment_batch(images, s, preprocess),
+            jit_compile=True), seeded=True)
     return Step(tf.function(lambda images: preprocessing.normalize(images, preprocess),
                              jit_compile=True))
 
 
-def augmenter(preprocess, device_stage):
-    """The per-batch step of training: flip, PCA lighting and normalisation, or none when the
-    device does them (preprocessing_layers.InputStage)."""
-    if device_stage:
-        return None
-    # XLA fuses flip, lighting and normalisation into one pass over the batch: tf.data runs each
-    # op of a map single-threaded, and op by op this stage was much slower
-    # (benchmarks/input_pipeline.py --ablation).
-    return Step(tf.function(lambda images, s: preprocessing.augment_batch(images, s, preprocess),
-                             jit_compile=True), seeded=True)
-
-
-def _crops(fn, seeded, device_stage):
-    """A step of `fn`, whose crops are float32 in [0, 255] (or uint8), rounded to uint8 for the
-    device stage."""
+def _crops(fn, seeded):
+    """A step of `fn`, whose crops are float32 in [0, 255] (or uint8), rounded to uint8: every
+    route ends at uint8 crops."""
 
     def cast(images):
-        if not device_stage or images.dtype == tf.uint8:
-            return images
-        return preprocessing.to_uint8(images)
+        return images if images.dtype == tf.uint8 else preprocessing.to_uint8(images)
 
     if seeded:
         return Step(lambda x, s: cast(fn(x, s)), seeded=True)
@@ -99,8 +90,8 @@ def _crops(fn, seeded, device_stage):
 def ten_crop_steps(p):
     """(per record, per batch) for evaluation on the paper's ten crops (§4.1) of any source:
     decoded whole, the shorter side brought to resize_size (prepared data is already there and
-    is not resampled), then the views; normalised per batch."""
-    preprocess, device_stage = p.preprocess, p.options.device_stage
+    is not resampled), then the views."""
+    preprocess = p.preprocess
     fit = _channels_fitter(preprocess.channels)
 
     def views(image):
@@ -109,46 +100,38 @@ def ten_crop_steps(p):
             image = image_bytes.decode(image, preprocess.channels)
         return preprocessing.ten_crop_views(image, preprocess)
 
-    return _crops(views, False, device_stage), _normalizer(preprocess, device_stage)
+    return _crops(views, False), None
 
 
 def evaluation_steps(p):
-    """(per record, per batch) for evaluation: the centre crop (JPEG decoding fused with it),
-    normalised per batch."""
-    preprocess, jpeg, device_stage = p.preprocess, p.info.jpeg_only, p.options.device_stage
+    """(per record, per batch) for evaluation: the centre crop (JPEG decoding fused with it)."""
+    preprocess, jpeg = p.preprocess, p.info.jpeg_only
     fit = _channels_fitter(preprocess.channels)
     return (_crops(lambda image: preprocessing.eval_crop(fit(image), preprocess, jpeg=jpeg),
-                   False, device_stage),
-            _normalizer(preprocess, device_stage))
+                   False), None)
 
 
 def small_image_training_steps(p):
     """(per record, per batch) for training on same-size in-memory images (MNIST, CIFAR):
-    padded, cropped, flipped and normalised as whole batches (only padded and cropped for the
-    device stage)."""
-    preprocess, device_stage = p.preprocess, p.options.device_stage
+    padded and cropped as whole batches."""
+    preprocess = p.preprocess
     fit = Step(_channels_fitter(preprocess.channels))
-    if device_stage:
-        return fit, _crops(lambda images, s: preprocessing.pad_crop_batch(images, s, preprocess),
-                           True, device_stage)
-    return fit, Step(lambda images, s: preprocessing.train_batch(images, s, preprocess),
-                      seeded=True)
+    return fit, _crops(lambda images, s: preprocessing.pad_crop_batch(images, s, preprocess),
+                       True)
 
 
 def photo_training_steps(p):
     """(per record, per batch) for training on photos: each image's random crop (fused with
-    JPEG decoding), then flip, PCA lighting and normalisation per batch."""
-    preprocess, jpeg, device_stage = p.preprocess, p.info.jpeg_only, p.options.device_stage
+    JPEG decoding)."""
+    preprocess, jpeg = p.preprocess, p.info.jpeg_only
     fit = _channels_fitter(preprocess.channels)
     return (_crops(lambda image, s: preprocessing.random_crop(fit(image), s, preprocess,
-                                                              jpeg=jpeg), True, device_stage),
-            augmenter(preprocess, device_stage))
+                                                              jpeg=jpeg), True), None)
 
 
 def prepared_evaluation_steps(p):
     """(per record, per batch) for evaluating prepared data (prepare.py) on centre crops: the
-    centre window decoded alone from the stored JPEG, never resampled; normalised per batch.
+    centre window decoded alone from the stored JPEG, never resampled.
     (Training: _prepared_training; ten crops: ten_crop_steps.)"""
-    preprocess, device_stage = p.preprocess, p.options.device_stage
-    return (Step(lambda x: preprocessing.prepared_center_crop(x, preprocess)),
-            _normalizer(preprocess, device_stage))
+    preprocess = p.preprocess
+    return Step(lambda x: preprocessing.prepared_center_crop(x, preprocess)), None

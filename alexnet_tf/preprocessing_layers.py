@@ -74,11 +74,12 @@ class PCALighting(keras.layers.Layer):
 class InputStage(keras.layers.Layer):
     """The device side of the input pipeline: uint8 crops in, model inputs out.
 
-    With `data.Options(device_stage=True)` the host stops at uint8 crops (4x fewer bytes
-    than float32 to copy to an accelerator) and this stage runs first in each training and
-    evaluation step, on the device: the float cast, and in training only the random horizontal
-    flip and PCA lighting (paper §4.1); then normalisation (`normalize`). It is not part of the
-    model, so exported models keep their serving preprocessing (`eval_image` on encoded bytes).
+    `data.make_dataset` stops at uint8 crops (4x fewer bytes than float32 to copy to an
+    accelerator) and this stage runs first in each training and evaluation step, on the
+    device: the float cast, and in training only the random horizontal flip and PCA lighting
+    (paper §4.1); then normalisation (`normalize`). It is not part of the model, so exported
+    models keep their serving preprocessing (`eval_image` on encoded bytes). `data.on_host`
+    runs the same functions in the pipeline instead.
 
     Its random draws are stateless. Inside a training step (`training.run_input_stage`) they are
     a function of the seed, the optimizer's step count and the replica: no variable is read or

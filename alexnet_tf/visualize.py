@@ -174,9 +174,9 @@ def draw(command, workdir, output=None, checkpoint="best", count=32):
     # Repeated, so that a split of fewer than `count` images still fills the grid, once it is
     # known to hold one.
     scans.check_split(source, "train", 1, "an augmentations grid", pre.max_pixels)
-    dataset, _ = data.make_dataset(source, "train", True, count, pre, data.Options(
-        seed=config.get("seed") or 0, shuffle_buffer=1000, repeat=True))
-    images, _ = next(iter(dataset))
+    options = data.Options(seed=config.get("seed") or 0, shuffle_buffer=1000, repeat=True)
+    dataset, _ = data.make_dataset(source, "train", True, count, pre, options)
+    images, _ = next(iter(data.on_host(dataset, pre, True, options)))
     return write_png(augmentation_grid(images.numpy(), pre), output)
 
 

@@ -1,7 +1,7 @@
 """The training pipeline through a tf.data service against the same pipeline in-process.
 
 Generates ImageNet-like JPEGs (common.make_jpegs), prepares them (prepare.py's 256 x 256 form)
-and measures make_dataset("prepared:DIR", training=True, device_stage=True), the pipeline
+and measures make_dataset("prepared:DIR", training=True), the pipeline
 train.py runs (uint8 227 x 227 crops, batch 128):
 
   in-process            in this process, as train.py without --data_service
@@ -106,7 +106,7 @@ def main(argv):
             # The files repeat within one pipeline, so that a measurement stays inside one
             # tf.data service job (train.py starts one job per epoch; see the start-up line).
             ds, _ = data.make_dataset(source, "train", True, FLAGS.batch_size, config,
-                                      data.Options(repeat=True, device_stage=True))
+                                      data.Options(repeat=True))
             if compression is False:
                 return ds
             # train.py's pipeline (make_dataset's data_service) with the compression chosen.
@@ -125,7 +125,7 @@ def main(argv):
         # What each epoch pays to start: train.py's service pipeline starts a job per epoch.
         for name, service in (("in-process", None), ("service", address)):
             ds, _ = data.make_dataset(source, "train", True, FLAGS.batch_size, config,
-                                      data.Options(device_stage=True, data_service=service))
+                                      data.Options(data_service=service))
             starts = []
             for _ in range(FLAGS.repeats):
                 start = time.perf_counter()

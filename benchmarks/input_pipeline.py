@@ -8,14 +8,15 @@ out), then measures images/s (total and per core) and the process's CPU time per
                         of any pipeline that decodes them)
   decode+resize         read + decode + one bilinear resize to the crop size: the ceiling of any
                         pipeline that resamples each image on the fly
-  train                 make_dataset(training=True) on the originals, the host doing everything:
-                        fused decode+crop+resize, flip, PCA lighting, normalisation, batching
-  train, uint8          the same with device_stage=True, as train.py runs it: the host stops at
-                        uint8 crops (flip, lighting and normalisation run on the device)
+  train                 make_dataset(training=True) on the originals finished on the host
+                        (data.on_host): fused decode+crop+resize, batching, then flip, PCA
+                        lighting, normalisation
+  train, uint8          make_dataset(training=True) alone, as train.py runs it: the host stops
+                        at uint8 crops (flip, lighting and normalisation run on the device)
   naive-train           full decode -> resize to 256 -> Keras RandomCrop/RandomFlip on batches
-  eval                  make_dataset(training=False) on the originals
+  eval                  make_dataset(training=False) on the originals, normalised on the host
   prepared decode-only  read the prepared shards + parse + decode each whole 256 x 256 JPEG
-  prepared train        make_dataset("prepared:DIR", training=True, device_stage=True): a random
+  prepared train        make_dataset("prepared:DIR", training=True), as train.py runs it: a random
                         227 x 227 window decoded alone, uint8 batches, no resize
 Example:
     pip install scikit-image && python benchmarks/input_pipeline.py --images=600
@@ -111,10 +112,9 @@ def main(argv):
              .map(lambda x: flip(crop(x, training=True), training=True), num_parallel_calls=autotune)
              .prefetch(autotune))
     photos = sources.Source(f"folder:{root}")
-    train, _ = data.make_dataset(photos, "train", True, FLAGS.batch_size, config,
-                                 data.Options(repeat=True))
     train_uint8, _ = data.make_dataset(photos, "train", True, FLAGS.batch_size, config,
-                                       data.Options(repeat=True, device_stage=True))
+                                       data.Options(repeat=True))
+    train = data.on_host(train_uint8, config, True)
     shards = tf.data.Dataset.from_tensor_slices(
         sorted(tf.io.gfile.glob(os.path.join(prepared, "train-*")))).repeat()
     prepared_decode = (
@@ -128,9 +128,10 @@ def main(argv):
     prepared_config = inputs.preprocess_config(prepared_source.info("train"))
     prepared_train, _ = data.make_dataset(prepared_source, "train", True, FLAGS.batch_size,
                                           prepared_config,
-                                          data.Options(repeat=True, device_stage=True))
+                                          data.Options(repeat=True))
     evaluation, _ = data.make_dataset(photos, "train", False, FLAGS.batch_size, config,
                                       data.Options(repeat=True))
+    evaluation = data.on_host(evaluation, config, False)
 
     pipelines = [("decode-only", decode_only), ("decode+resize", decode_resize), ("train", train),
                  ("train, uint8", train_uint8), ("naive-train", naive), ("eval", evaluation),

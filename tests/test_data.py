@@ -30,7 +30,7 @@ def test_folder_source_with_train_and_val_trees(tmp_path):
     ds, _ = data.make_dataset(source, "train", True, 2, SMALL, data.Options(seed=0))
     assert sources.Source(source).info("train").class_names == ["ant", "zebra"]  # sorted
     images, labels = collect(ds.take(3))
-    assert images.shape == (6, 32, 32, 3) and images.dtype == np.float32
+    assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8  # crops; InputStage finishes them
     assert set(labels) <= {0, 1}
     ds, _ = data.make_dataset(source, "validation", False, 4, SMALL)
     images, labels = collect(ds)
@@ -155,8 +155,8 @@ def test_idx_source_reads_written_files(tmp_path):
     write_idx(tmp_path, "train", images, labels)
     write_idx(tmp_path, "t10k", images[:5], labels[:5])
     source = sources.Source(f"fashion_mnist:{tmp_path}")
-    ds, _ = data.make_dataset(source, "test", False, 5,
-                              inputs.preprocess_config(source.info("train")))
+    pre = inputs.preprocess_config(source.info("train"))
+    ds = data.on_host(data.make_dataset(source, "test", False, 5, pre)[0], pre, training=False)
     info = source.info("test")
     got, got_labels = collect(ds)
     assert info.class_names[9] == "Ankle boot" and info.channels == 1
@@ -183,8 +183,9 @@ def test_real_fashion_mnist():
     info = source.info("train")
     assert info.num_examples == 60_000 and info.image_size == (28, 28)
     config = inputs.preprocess_config(info)
-    batch, labels = next(iter(data.make_dataset(source, "train", True, 64, config,
-                                                data.Options(seed=0))[0]))
+    options = data.Options(seed=0)
+    crops, _ = data.make_dataset(source, "train", True, 64, config, options)
+    batch, labels = next(iter(data.on_host(crops, config, True, options)))
     assert batch.shape == (64, 28, 28, 1)
     assert abs(float(tf.reduce_mean(batch))) < 0.3  # normalised with the dataset's statistics
     assert len(set(labels.numpy().tolist())) > 5

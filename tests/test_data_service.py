@@ -104,7 +104,7 @@ def test_each_epoch_delivers_every_record_once(service, tmp_path, prepared):
         prepare.prepare(source, str(tmp_path / "prepared"), records_per_shard=2)
         source = f"prepared:{tmp_path / 'prepared'}"
     ds, _ = data.make_dataset(source, "train", True, 4, CONFIG, data.Options(
-        device_stage=True, data_service=service.address))
+        data_service=service.address))
     for _ in range(2):  # each iteration is one job, one epoch
         labels = np.concatenate([y.numpy() for _, y in ds])
         assert sorted(labels.tolist()) == list(range(12))
@@ -203,7 +203,7 @@ def test_training_goes_on_when_the_dispatcher_restarts_from_its_journal(service,
 def test_an_epoch_with_a_killed_worker_delivers_no_record_twice(service, tmp_path):
     source = one_record_per_class(tmp_path / "photos", classes=40)
     ds, _ = data.make_dataset(source, "train", True, 2, CONFIG, data.Options(
-        device_stage=True, data_service=service.address))
+        data_service=service.address))
     labels = []
     for i, (_, y) in enumerate(ds):
         labels += y.numpy().tolist()

@@ -241,7 +241,7 @@ def find_window(image, crop):
 def prepared_batches(out, training, ten_crop=False, seed=0):
     """The uint8 crops of every record (training: of all but the last incomplete batch)."""
     ds, _ = data.make_dataset(f"prepared:{out}", "train", training, 4, config_for(out),
-                              data.Options(seed=seed, ten_crop=ten_crop, device_stage=True))
+                              data.Options(seed=seed, ten_crop=ten_crop))
     return np.concatenate([x.numpy() for x, _ in ds])
 
 
@@ -313,7 +313,7 @@ def damaged_copy(out, directory):
 def test_a_damaged_prepared_record_is_skipped_and_counted_in_training(prepared, tmp_path):
     _, _, out = prepared
     ds, skipped = data.make_dataset(damaged_copy(out, tmp_path / "damaged"), "train", True, 1,
-                                    config_for(out), data.Options(seed=0, device_stage=True))
+                                    config_for(out), data.Options(seed=0))
     images = sum(int(x.shape[0]) for x, _ in ds)
     assert int(skipped.numpy()) == 1
     assert images == sources.read_prepared(out)["splits"]["train"]["records"] - 1
@@ -330,7 +330,7 @@ def test_a_batch_keeps_its_images_beside_a_damaged_record(prepared, tmp_path, dr
     reader = sources.Source(source)
     ds = reader.records("train", training=True, seed=0, serialized=True)
     # A pipeline for the tf.data service keeps its short last batch; this one runs here.
-    options = data.Options(seed=0, deterministic=True, device_stage=True,
+    options = data.Options(seed=0, deterministic=True,
                            data_service=None if drop_remainder else "grpc://not-used:1")
     pipeline = data._Pipeline(reader.info("train"), config, True, 4, 3, options,
                               data.SkipCounter(0))
@@ -346,16 +346,17 @@ def test_a_label_outside_the_classes_stops_prepared_training(prepared):
     _, _, out = prepared
     # The shards hold labels 0-2.
     ds, _ = data.make_dataset(sources.Source(f"prepared:{out}", num_classes=2), "train", True, 4,
-                              config_for(out), data.Options(seed=0, device_stage=True))
+                              config_for(out), data.Options(seed=0))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"label outside \[0, 2\)"):
         for _ in ds:
             pass
 
 
-def test_make_dataset_without_the_device_stage_normalises_on_the_host(prepared):
+def test_on_host_normalises_the_crops_in_the_pipeline(prepared):
     _, _, out = prepared
     config = config_for(out)
-    host, _ = data.make_dataset(f"prepared:{out}", "train", False, 4, config)
+    host = data.on_host(data.make_dataset(f"prepared:{out}", "train", False, 4, config)[0],
+                        config, training=False)
     uint8 = prepared_batches(out, training=False)
     images = np.concatenate([x.numpy() for x, _ in host])
     np.testing.assert_allclose(images, uint8 - np.asarray(config.mean, np.float32), atol=1e-4)
