@@ -88,19 +88,22 @@ def jit_compile(facts):
     return bool(facts.gpus)
 
 
-# Training steps per call from Python on a GPU: Keras waits for the device after each call (it
-# turns the logs into Python floats), so one step per call leaves the GPU idle while Python
-# prepares the next; at 20 steps that pause is under 1% of a paper-model step at batch 128.
+# Training steps per call from Python: Keras waits for the device after each call (it turns the
+# logs into Python floats) and runs the callbacks, so one step per call leaves a GPU idle while
+# Python prepares the next, and costs a CPU the callbacks' time: about 5% of the README recipe's
+# 40 ms steps on 2 cores (benchmarks/train_overhead.py).
 GPU_STEPS_PER_EXECUTION = 20
+CPU_STEPS_PER_EXECUTION = 10
 
 
 def steps_per_execution(facts, steps_per_epoch, replicas=1):
-    """Training steps per `fit` call: up to GPU_STEPS_PER_EXECUTION on GPUs, 1 on CPUs (a CPU
-    step is long beside the pause) and with several replicas (Keras 3.15's calls of several
+    """Training steps per `fit` call: up to GPU_STEPS_PER_EXECUTION on GPUs and
+    CPU_STEPS_PER_EXECUTION on CPUs; 1 with several replicas (Keras 3.15's calls of several
     steps fail under MirroredStrategy with more than one replica: "You must feed a value for
     placeholder tensor 'while/body/.../cond/Placeholder'"). A divisor of `steps_per_epoch`, so
     that every epoch ends at a call's end (Keras would run the last call's steps past it)."""
-    most = GPU_STEPS_PER_EXECUTION if facts.gpus and replicas == 1 else 1
+    most = GPU_STEPS_PER_EXECUTION if facts.gpus else CPU_STEPS_PER_EXECUTION
+    most = most if replicas == 1 else 1
     return max(n for n in range(1, min(most, steps_per_epoch) + 1) if steps_per_epoch % n == 0)
 
 

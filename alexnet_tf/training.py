@@ -141,7 +141,7 @@ def _steps_per_epoch(config, train_info):
 def run_input_stage(model, stage):
     """Makes `stage` (a `preprocessing_layers.InputStage`) the first part of the model's train,
     test and predict steps, so that it runs on the model's device on each batch of uint8 crops
-    that `make_dataset` yields with `Options(device_stage=True)`: with training=True in training
+    that `make_dataset` yields: with training=True in training
     steps only, its random draws seeded by the optimizer's step count (read, never written by the
     stage, so that the step compiles with XLA under every strategy).
     The model itself (its layers, checkpoints and exports) is unchanged."""
@@ -274,7 +274,6 @@ def fit(model, config, strategy, inputs, datasets, steps_per_epoch, callbacks, c
             epochs=config.epochs,
             steps_per_epoch=steps_per_epoch,
             validation_data=val_ds,
-            validation_steps=config.eval_steps,
             callbacks=callbacks,
             shuffle=False,  # the tf.data pipeline shuffles
             # A progress bar on a terminal; in logs EpochReport's one line per epoch is enough.
@@ -286,7 +285,7 @@ def fit(model, config, strategy, inputs, datasets, steps_per_epoch, callbacks, c
             raise TrainingError(
                 f"loss became NaN/inf at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
                 "lower --learning_rate or check the data")
-        results = model.evaluate(val_ds, steps=config.eval_steps, return_dict=True, verbose=0)
+        results = model.evaluate(val_ds, return_dict=True, verbose=0)
     return {k: float(v) for k, v in results.items()}, train_seconds
 
 
@@ -323,7 +322,9 @@ def train_and_evaluate(config, workdir):
     device = devices.input_device(devices.DeviceFacts.of_this_machine(),
                                   strategy is not tf.distribute.get_strategy())
     train_ds, skipped = inputs.dataset("train", True, device=device)
-    val_ds, _ = inputs.dataset("validation", False, device=device)
+    # --eval_steps ends the validation pipeline itself: Keras' calls of several steps would
+    # run past a `validation_steps` that they do not divide.
+    val_ds, _ = inputs.dataset("validation", False, device=device, batches=config.eval_steps)
     steps_per_epoch = _steps_per_epoch(config, inputs.info)
     # Images skipped on tf.data service workers are logged there; their count stays there.
     skipped = None if config.data_service else skipped
@@ -355,7 +356,7 @@ def train_and_evaluate(config, workdir):
 
 def evaluate_ten_crop(model, dataset, steps=None, stage=None):
     """Paper §4.1 test-time averaging: mean softmax over the 10 crops of each image. `stage`:
-    the InputStage of uint8 crops (`data.Options(device_stage=True)`)."""
+    the InputStage of make_dataset's uint8 crops."""
     top1 = keras.metrics.SparseCategoricalAccuracy()
     top5 = keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, model.output_shape[-1]))
     for i, (crops, labels) in enumerate(dataset):

@@ -10,8 +10,9 @@ saying so, and the others go on:
     train   training img/s on synthetic uint8 batches already on the device, through the device
             input stage, with XLA: both variants at batch 1,024 in bfloat16, the paper model in
             float16 (LRN under XLA; --cases adds float32, TF32), and at train.py's batch
-            (--run_batch) for the ratio below; each case's peak GPU memory. One step per call
-            (train_on_batch waits for each), as a bare step's rate
+            (--run_batch) for the ratio below; each case's peak GPU memory. Timed twice: one
+            step per call (train_on_batch, which waits for each), and as train.py runs it
+            ("fit": several steps per call, each batch copied from the host ahead)
     torch   the same networks in PyTorch on the same GPU: bf16 autocast, channels_last, eager
             and torch.compile
     input   prepared: data made from photographs (prepare.py), read by make_dataset's training
@@ -137,7 +138,7 @@ def part_train(workdir):
     import tensorflow as tf
 
     import alexnet_tf
-    from alexnet_tf import preprocessing, preprocessing_layers, training
+    from alexnet_tf import devices, preprocessing, preprocessing_layers, training
     from alexnet_tf.model import DEFAULT_IMAGE_SIZE
 
     variant, batch, dtype = parse_case(FLAGS.case)
@@ -151,15 +152,23 @@ def part_train(workdir):
     keras.config.set_dtype_policy("float32" if dtype == "float32" else f"mixed_{dtype}")
     size = DEFAULT_IMAGE_SIZE[variant]
     model = alexnet_tf.AlexNet(variant=variant)
+    per_call = devices.steps_per_execution(devices.DeviceFacts.of_this_machine(), FLAGS.steps)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=True)
+                  jit_compile=True, steps_per_execution=per_call)
     pre = preprocessing.PreprocessConfig(image_size=size, resize_size=256)
     training.run_input_stage(model, preprocessing_layers.InputStage(pre, seed=0))
     with tf.device(device):  # on the device already: the step alone is timed
         images = tf.cast(tf.random.uniform([batch, size, size, 3], 0, 256, tf.int32), tf.uint8)
         labels = tf.random.uniform([batch], 0, 1000, tf.int32)
     model.train_on_batch(images, labels)  # traces and compiles, beside the other cases
+    # The same step as train.py runs it: calls of several steps, each batch copied from the
+    # host ahead of its step (devices.input_device).
+    with tf.device("/cpu:0"):
+        host = tf.data.Dataset.from_tensors((tf.identity(images), tf.identity(labels))).repeat()
+    copied = host.apply(tf.data.experimental.prefetch_to_device(device, buffer_size=2))
+    clock = common.step_clock(per_call)  # from the end of the first call
+    model.fit(copied, steps_per_epoch=per_call, epochs=1, verbose=0)  # traces the calls
     with GpuTurn(workdir):
         for _ in range(FLAGS.warmup_steps):
             model.train_on_batch(images, labels)
@@ -169,9 +178,16 @@ def part_train(workdir):
         for _ in range(FLAGS.steps):
             loss = model.train_on_batch(images, labels)
         elapsed = time.perf_counter() - start
+        calls = max(FLAGS.steps // per_call, 1)
+        model.fit(copied, steps_per_epoch=(calls + 1) * per_call, epochs=1, verbose=0,
+                  callbacks=[clock])
     peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20 if gpus else None
     emit("train", f"{FLAGS.case} XLA", FLAGS.steps * batch / elapsed,
          1000 * elapsed / FLAGS.steps, peak, "" if np_finite(loss) else "loss not finite")
+    fit_seconds = clock.end - clock.start
+    emit("train", f"{FLAGS.case} XLA fit", calls * per_call * batch / fit_seconds,
+         1000 * fit_seconds / (calls * per_call), note=f"{per_call} steps per call, batches "
+         "copied from the host ahead")
 
 
 def np_finite(value):
@@ -271,7 +287,7 @@ def part_input(workdir):
     cores = os.cpu_count()
     for threads in sorted({1, min(4, cores), cores}):
         ds, _ = data.make_dataset(source, "train", True, batch, pre,
-                                  data.Options(repeat=True, device_stage=True, seed=0))
+                                  data.Options(repeat=True, seed=0))
         options = tf.data.Options()
         options.threading.private_threadpool_size = threads
         iterator = iter(ds.with_options(options))
@@ -453,9 +469,10 @@ def table(rows):
 
 
 def ratio(rows):
-    """train.py's rate on one device over the synthetic rate of its model at its batch."""
+    """train.py's rate on one device over the synthetic rate of its model at its batch, both
+    with several steps per call."""
     synthetic = next((r["rate"] for r in rows if r["part"] == "train" and r["rate"]
-                      and r["case"].startswith(f"paper b{FLAGS.run_batch} bfloat16")), None)
+                      and r["case"] == f"paper b{FLAGS.run_batch} bfloat16 XLA fit"), None)
     run = next((r["rate"] for r in rows if r["part"] == "run" and r["rate"]
                 and "Mirrored" not in r["case"]), None)
     if synthetic is None or run is None or FLAGS.run_variant != "paper":

@@ -25,7 +25,8 @@ def test_every_part_of_the_gpu_check_runs_on_a_cpu():
     assert set(parts) == {"train", "torch", "input", "run", "serve"}
     # Each precision trained under XLA (LRN in float16 too), at train.py's batch as well.
     cases = {case for case, *_ in parts["train"]}
-    assert {"paper b2 float32 XLA", "paper b2 float16 XLA", "paper b2 bfloat16 XLA"} <= cases
+    assert {"paper b2 float32 XLA", "paper b2 float16 XLA", "paper b2 bfloat16 XLA",
+            "paper b2 bfloat16 XLA fit"} <= cases
     timed = [(rate, ms) for rows_ in parts.values() for _, rate, ms, _ in rows_ if rate != "-"]
     assert len(timed) >= 8 and all(float(r.replace(",", "")) > 0 and float(m) > 0
                                    for r, m in timed)

@@ -1,0 +1,113 @@
+"""What train.py costs beside the bare training step: its steady-state rate over the rate of the
+same model's steps alone, on the same batch size and data, on this machine.
+
+    python benchmarks/train_overhead.py                      # Fashion-MNIST, the README recipe
+    python benchmarks/train_overhead.py --rounds=3 --steps=100
+
+bare      the run's model (training.create_model: its optimizer, weight decay, input stage, XLA
+          and steps per call as train.py decides them) trained by fit() on one batch of the
+          training split's uint8 crops, repeated from memory: no input pipeline, no callbacks;
+          timed after its first call, as train.py's epochs are
+train.py  the README recipe (configs/fashion_mnist.cfg) for --epochs epochs of --steps steps in a
+          process of its own: its input pipeline, callbacks, backups and validation; the rate of
+          its last epoch as history.csv records it (the epoch's steps after its first call)
+
+Rounds alternate the two (the machine's speed drifts); the medians and their ratio are printed.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+
+import common  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "configs", "fashion_mnist.cfg")
+FLAGS = flags.FLAGS
+
+# The bare measurement, in a process of its own: train.py's flags parse the recipe.
+BARE = f"""
+import sys
+sys.path[:0] = [{ROOT!r}, {os.path.dirname(os.path.abspath(__file__))!r}]
+import train
+from absl import flags
+flags.FLAGS(["train.py", "--flagfile={RECIPE}", "--steps_per_epoch=" + sys.argv[1]])
+import train_overhead
+print("BARE", train_overhead.bare_rate(train.config_from_flags()), flush=True)
+"""
+
+
+def define_flags():
+    flags.DEFINE_integer("steps", 60, "Steps per epoch of train.py, and timed steps of bare.")
+    flags.DEFINE_integer("epochs", 3, "train.py's epochs (the last is timed).")
+    flags.DEFINE_integer("rounds", 2, "Rounds of (bare, train.py).")
+
+
+def bare_rate(config):
+    """img/s of the run's model on one repeated batch of its training crops."""
+    import tensorflow as tf
+
+    from alexnet_tf import inputs as inputs_lib, strategy as strategy_lib, training
+    from alexnet_tf.rundir import RunDir
+
+    steps = config.steps_per_epoch
+    strategy = strategy_lib.set_up_process(config)
+    run = RunDir(tempfile.mkdtemp(prefix="alexnet_tf_overhead_"))
+    run.create(start_over=True)
+    inputs = inputs_lib.prepare_inputs(config, run, inputs_lib.source_of(config))
+    train_ds, _ = inputs.dataset("train", True)
+    batch = next(iter(train_ds))
+    model = training.create_model(config, inputs, strategy, steps, resuming=False)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    data = tf.data.Dataset.from_tensors(batch).repeat().with_options(options)
+    # Timed from the end of the first call (tracing) to the end of the last, as EpochReport
+    # times train.py's epochs; calls of model.steps_per_execution steps, as train.py's.
+    per_call = model.steps_per_execution
+    clock = common.step_clock(per_call)
+    model.fit(data, steps_per_epoch=per_call + steps, epochs=1, verbose=0, callbacks=[clock])
+    return steps * config.batch_size / (clock.end - clock.start)
+
+
+def train_py_rate():
+    workdir = tempfile.mkdtemp(prefix="alexnet_tf_overhead_run_")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), f"--flagfile={RECIPE}",
+         f"--epochs={FLAGS.epochs}", f"--steps_per_epoch={FLAGS.steps}", "--eval_steps=1",
+         f"--workdir={workdir}"], capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    if result.returncode:
+        raise SystemExit(f"train.py failed: {result.stderr[-2000:]}")
+    with open(os.path.join(workdir, "history.csv")) as f:
+        header, *rows = f.read().splitlines()
+    return float(rows[-1].split(",")[header.split(",").index("images_per_sec")])
+
+
+def main(argv):
+    del argv
+    bare, full = [], []
+    for _ in range(FLAGS.rounds):
+        result = subprocess.run([sys.executable, "-c", BARE, str(FLAGS.steps)],
+                                capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=ROOT))
+        line = [x for x in result.stdout.splitlines() if x.startswith("BARE ")]
+        if not line:
+            raise SystemExit(f"bare measurement failed: {result.stderr[-2000:]}")
+        bare.append(float(line[0].split()[1]))
+        full.append(train_py_rate())
+        print(f"round: bare {bare[-1]:,.0f} img/s, train.py {full[-1]:,.0f} img/s", flush=True)
+    b, t = statistics.median(bare), statistics.median(full)
+    print(f"{os.path.relpath(RECIPE, ROOT)}, {FLAGS.steps} steps per epoch, medians of "
+          f"{FLAGS.rounds} rounds: bare {b:,.0f} img/s, train.py {t:,.0f} img/s, "
+          f"train.py / bare = {t / b:.2f}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
