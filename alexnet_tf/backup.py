@@ -44,10 +44,13 @@ def _first_sentence(error, limit=80):
 
 
 class Backup(keras.callbacks.Callback):
-    """Backs up the resume state: at an epoch's end once `every_seconds` have passed since the
-    previous backup, and at the last epoch's end; mid-epoch, in an epoch longer than
-    `every_seconds`, at the first step that far from the previous backup; and every `save_freq`
-    steps when given.
+    """Backs up the resume state: at an epoch's end once the interval has passed since the
+    previous backup, and at the last epoch's end; mid-epoch, in an epoch longer than the
+    interval, at the first step that far from the previous backup; and every `save_freq` steps
+    when given. The interval is `every_seconds`, or less for a state that saves quickly: the
+    time of the last save divided by `overhead`, so that backups cost at most that share of
+    the run (a small model backs up at every epoch end, the paper model's 0.5 GB every few
+    minutes).
 
     Files in `directory`:
         weights-<n>.weights.h5  the model's and the optimizer's variables at save n
@@ -68,7 +71,8 @@ class Backup(keras.callbacks.Callback):
     Args:
         directory: where the backup lives (one per worker).
         save_freq: "epoch", or also every this many training steps.
-        every_seconds: the least time between two backups; 0: at every epoch end.
+        every_seconds: the most time between two backups; 0: at every epoch end.
+        overhead: the share of the run that backups may take (None: `every_seconds` alone).
         keep: {name: (callback, [attribute, ...])}: callback attributes saved with each state
             and set again by `restore` (a plateau schedule's counters, the best metric so far).
         history_csv: a CSVLogger file; `restore` drops its rows of the epochs that will run
@@ -76,11 +80,13 @@ class Backup(keras.callbacks.Callback):
     """
 
     def __init__(self, directory, save_freq="epoch", keep=None, history_csv=None,
-                 every_seconds=0.0, clock=time.monotonic):
+                 every_seconds=0.0, overhead=None, clock=time.monotonic):
         super().__init__()
         self.directory = directory
         self.save_freq = save_freq
         self.every_seconds = every_seconds
+        self.overhead = overhead
+        self._save_seconds = 0.0  # how long the last save took
         self.keep = keep or {}
         self.history_csv = history_csv
         self.clock = clock
@@ -96,7 +102,13 @@ class Backup(keras.callbacks.Callback):
     def due_at_epoch_end(self, epoch):
         """Whether the end of `epoch` (0-based) saves: the last epoch's always does."""
         last = epoch + 1 == (self.params or {}).get("epochs")
-        return last or self.clock() - self._saved_at >= self.every_seconds
+        return last or self.clock() - self._saved_at >= self.interval()
+
+    def interval(self):
+        """The time after a backup when the next is due."""
+        if self.overhead is None:
+            return self.every_seconds
+        return min(self.every_seconds, self._save_seconds / self.overhead)
 
     def on_train_begin(self, logs=None):
         self._saved_at = self.clock()
@@ -110,8 +122,9 @@ class Backup(keras.callbacks.Callback):
         # Mid-epoch only in an epoch longer than the interval: a mid-epoch save resumes at the
         # epoch's start, so in shorter epochs the epoch's end is the better moment.
         now = self.clock()
-        if (self.every_seconds and batch and now - self._saved_at >= self.every_seconds
-                and now - self._epoch_began >= self.every_seconds):
+        interval = self.interval()
+        if (interval and batch and now - self._saved_at >= interval
+                and now - self._epoch_began >= interval):
             self.save(self._epoch)
 
     def on_train_batch_end(self, batch, logs=None):
@@ -132,6 +145,7 @@ class Backup(keras.callbacks.Callback):
         """Commits the state that resumes at `resume_epoch` (0-based)."""
         if not self._finite:
             return
+        started = self.clock()
         os.makedirs(self.directory, exist_ok=True)
         serial = (self._state or {}).get("serial", 0) + 1
         weights = f"weights-{serial}.weights.h5"
@@ -150,6 +164,7 @@ class Backup(keras.callbacks.Callback):
         _replace_atomically(os.path.join(self.directory, STATE_FILE), json.dumps(state))
         self._state = state
         self._saved_at = self.clock()
+        self._save_seconds = self._saved_at - started
         self._remove_unreferenced()
 
     def _remove_unreferenced(self):

@@ -101,8 +101,9 @@ class TrainConfig:
         False, "Final evaluation with 10-crop averaging (paper §4.1).")
     backup_every_minutes: float = _setting(
         5.0, "Back up the training state (and write the last checkpoint) at the first epoch end "
-        "this many minutes after the previous backup, at the last epoch's end, and mid-epoch "
-        "when an epoch runs longer; 0: at every epoch end.")
+        "this many minutes after the previous backup (sooner for a model that saves in under "
+        "1% of the time since), at the last epoch's end, and mid-epoch when an epoch runs "
+        "longer; 0: at every epoch end.")
     checkpoint_every_steps: int | None = _setting(
         None, "Also back up every N steps.")
     start_over: bool = _setting(

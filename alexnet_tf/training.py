@@ -222,6 +222,12 @@ def create_model(config, inputs, strategy, steps_per_epoch, resuming):
     return model
 
 
+# The share of a run's time that its backups may take (the last checkpoint, written with each,
+# about as much again): a backup comes at most --backup_every_minutes after the previous one,
+# sooner when it saves quickly.
+BACKUP_OVERHEAD = 0.01
+
+
 def create_callbacks(config, run, steps_per_epoch, skipped, chief):
     """(the callbacks in the order Keras calls them at an epoch's end, the Backup among them).
     The backup comes last, so that everything the epoch wrote is in place when the state that
@@ -235,7 +241,8 @@ def create_callbacks(config, run, steps_per_epoch, skipped, chief):
         keep["plateau"] = (plateau, list(DivideOnPlateau.STATE))
     backup = backup_lib.Backup(run.backup, save_freq=config.checkpoint_every_steps or "epoch",
                                keep=keep, history_csv=run.history,
-                               every_seconds=60 * config.backup_every_minutes)
+                               every_seconds=60 * config.backup_every_minutes,
+                               overhead=BACKUP_OVERHEAD)
     stop_on_nan = StopOnNaN(steps_per_epoch)
     callbacks = [
         stop_on_nan,

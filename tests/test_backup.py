@@ -196,6 +196,7 @@ def test_backups_follow_the_clock_and_the_last_epoch_always_saves(tmp_path):
     clock = Clock()
     model = small_model()
     backup = backup_lib.Backup(str(tmp_path / "backup"), every_seconds=60, clock=clock)
+    # (No `overhead`: the time rule alone; the test below adds the save's cost.)
     backup.set_model(model)
     backup.set_params({"epochs": 5, "steps": 4})
     last = keras_compat.AtomicModelCheckpoint(str(tmp_path / "last.keras"),
@@ -237,3 +238,34 @@ def test_a_zero_interval_saves_every_epoch_end(tmp_path):
         backup.on_train_batch_begin(1)  # no mid-epoch save without an interval
         backup.on_epoch_end(epoch)
         assert json.loads((tmp_path / "state.json").read_text())["serial"] == epoch + 1
+
+
+def test_a_state_that_saves_quickly_is_backed_up_sooner(tmp_path):
+    # Each save takes 2 s of the clock; with 1% for backups a save is due 200 s after the last
+    # (every epoch end here: epochs of 250 s), under the 600 s of every_seconds. Saves of 10 s
+    # wait the 600 s.
+    for save_seconds, expected in [(2.0, [0, 1, 2, 3, 4, 5]), (10.0, [0, 3, 5])]:
+        clock = Clock()
+        model = small_model()
+        directory = tmp_path / str(save_seconds)
+        backup = backup_lib.Backup(str(directory), every_seconds=600, overhead=0.01,
+                                   clock=clock)
+        backup.set_model(model)
+        backup.set_params({"epochs": 6, "steps": 1})
+        original = model.save_weights
+
+        def slow_save(path, seconds=save_seconds, original=original):
+            clock.now += seconds
+            original(path)
+
+        model.save_weights = slow_save
+        backup.on_train_begin()
+        saved = []
+        for epoch in range(6):
+            backup.on_epoch_begin(epoch)
+            clock.now += 250
+            serial = (backup._state or {}).get("serial", 0)
+            backup.on_epoch_end(epoch)
+            if backup._state and backup._state["serial"] > serial:
+                saved.append(epoch)
+        assert saved == expected, save_seconds
