@@ -150,19 +150,21 @@ def on_host(dataset, preprocess, training, options=Options()):
     model inputs. For pipelines whose consumer is not a model with the stage in its steps (a
     Keras model of one's own, the image grid, int8 calibration). `options`: its seed and
     determinism, as given to make_dataset."""
-    deterministic = options.deterministic
-    if deterministic is None:
-        deterministic = options.seed is not None or not training
-    options = dataclasses.replace(options, deterministic=deterministic)
+    options = _settled_order(options, training)
     return apply(dataset, host_stage(preprocess, training), options).prefetch(tf.data.AUTOTUNE)
 
 
+def _settled_order(options, training):
+    """`options` with the order of the elements settled: deterministic for evaluation and
+    seeded training, unless the options say."""
+    if options.deterministic is not None:
+        return options
+    return dataclasses.replace(options, deterministic=options.seed is not None or not training)
+
+
 def _pipeline(info, preprocess, training, batch_size, options, source):
-    """The facts every step of the pipeline reads; the order of its elements settled
-    (deterministic for evaluation and seeded training, unless the options say)."""
-    if options.deterministic is None:
-        options = dataclasses.replace(options,
-                                      deterministic=options.seed is not None or not training)
+    """The facts every step of the pipeline reads, its order settled (`_settled_order`)."""
+    options = _settled_order(options, training)
     p = _Pipeline(info, preprocess, training, batch_size, source.num_classes or info.num_classes,
                   options, SkipCounter(len(info.not_files), on_workers=bool(options.data_service)))
     _log_conversions(p)
@@ -312,7 +314,7 @@ def _finish_pipeline(ds, options):
     return ds
 
 
-# make_dataset's routes (_route chooses one): how each cuts, batches and augments its images.
+# make_dataset's routes (_route chooses one): how each cuts and batches its images.
 ROUTES = {
     "prepared training": _prepared_training,
     "ten crops": _per_image(ten_crop_steps),

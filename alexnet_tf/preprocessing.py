@@ -320,14 +320,6 @@ def train_image(image, seed, config):
     return augment_batch(image[None], seeds[1], config)[0]
 
 
-def train_batch(images, seed, config):
-    """`train_image` for a batch of same-size decoded images with crop="pad", vectorised."""
-    if config.crop != "pad":
-        raise ValueError("train_batch supports the 'pad' crop scheme only")
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-    return augment_batch(pad_crop_batch(images, seeds[0], config), seeds[1], config)
-
-
 # --------------------------------------------------------------------------------------------
 # Evaluation ops (also used by the serving signatures)
 

@@ -94,7 +94,8 @@ class TrainConfig:
     steps_per_execution: int = _setting(
         0, "Training steps per call from Python (Keras steps_per_execution): Keras waits for "
         "the device after each call, so several steps per call keep a GPU busy; callbacks see "
-        "every Nth step. 0: auto (GPUs: up to 20, a divisor of --steps_per_epoch; CPUs: 1).")
+        "every Nth step. 0: auto (GPUs: up to 20, CPUs: up to 10, a divisor of "
+        "--steps_per_epoch; 1 with several replicas).")
     seed: int | None = _setting(
         None, "Seed for initialisation, shuffling and augmentation (deterministic pipeline).")
     ten_crop_eval: bool = _setting(

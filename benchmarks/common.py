@@ -52,6 +52,15 @@ def step_clock(warmup_steps):
     return Clock()
 
 
+def last_epoch_rate(workdir):
+    """The images/s of a train.py run's last epoch, from its history.csv (EpochReport's rate of
+    the epoch's steps)."""
+    import csv
+
+    with open(os.path.join(workdir, "history.csv")) as f:
+        return float(list(csv.DictReader(f))[-1]["images_per_sec"])
+
+
 def matmul_peak_gflops(n=4096, repeats=10, dtype="float32"):
     """This machine's fp32 matrix-multiply rate as TensorFlow achieves it (best of `repeats`)."""
     import tensorflow as tf

@@ -328,10 +328,7 @@ def _train_py(workdir, name, batch, epochs, steps, extra=(), launcher=None):
     seconds = time.perf_counter() - start
     if result.returncode:
         raise RuntimeError(one_line((result.stderr.strip().splitlines() or ["?"])[-1]))
-    with open(os.path.join(run, "history.csv")) as f:
-        rows = f.read().splitlines()
-    header, last = rows[0].split(","), rows[-1].split(",")
-    return float(last[header.index("images_per_sec")]), seconds, run
+    return common.last_epoch_rate(run), seconds, run
 
 
 def part_run(workdir):

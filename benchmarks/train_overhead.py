@@ -84,9 +84,7 @@ def train_py_rate():
         env=dict(os.environ, PYTHONPATH=ROOT))
     if result.returncode:
         raise SystemExit(f"train.py failed: {result.stderr[-2000:]}")
-    with open(os.path.join(workdir, "history.csv")) as f:
-        header, *rows = f.read().splitlines()
-    return float(rows[-1].split(",")[header.split(",").index("images_per_sec")])
+    return common.last_epoch_rate(workdir)
 
 
 def main(argv):
