@@ -6,6 +6,7 @@ is alexnet_tf.training's.
 
 import dataclasses
 import os
+import sys
 import typing
 from types import NoneType
 
@@ -16,7 +17,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags, logging  # noqa: E402
 
-from alexnet_tf import cli, keras_compat, sources, train_config, training  # noqa: E402
+from alexnet_tf import backup, cli, keras_compat, sources, train_config, training  # noqa: E402
 
 
 def _define_flags():
@@ -50,6 +51,10 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     try:
         training.train_and_evaluate(config_from_flags(), FLAGS.workdir)
+    except backup.Interrupted as e:
+        # Saved: the status says which signal ended the run, as the signal itself would.
+        print(f"train.py: {e}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     except (train_config.TrainingError, sources.DataError, keras_compat.KerasCompatibilityError,
             OSError, *cli.file_errors()) as e:
         cli.exit_with_error("train.py", e)

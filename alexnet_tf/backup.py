@@ -9,6 +9,8 @@ same for the checkpoints export.py reads.
 import json
 import math
 import os
+import signal
+import threading
 import time
 
 import keras
@@ -19,6 +21,52 @@ STATE_FILE = "state.json"
 
 class BackupError(RuntimeError):
     """The resume state cannot be read; one-line message naming the file."""
+
+
+class Interrupted(Exception):
+    """Training stopped at a termination signal, its state backed up: `epoch` (0-based) and
+    `step` (steps of that epoch done) say where a rerun continues."""
+
+    def __init__(self, signum, epoch, step):
+        self.signum, self.epoch, self.step = signum, epoch, step
+        super().__init__(f"stopped at epoch {epoch + 1} step {step} by "
+                         f"{signal.Signals(signum).name}; rerun the same command to continue")
+
+
+class StopSignals:
+    """While entered, SIGTERM and SIGINT (a preemptible machine's notice, Ctrl-C) do not end
+    the process: they are recorded in `signum` for Backup, which saves at the next step
+    boundary and stops the run. A second signal while it saves changes nothing. Outside the
+    main thread (where Python cannot install handlers) it does nothing.
+
+    `agree`: with several workers, a function of this worker's signal number (0: none) that
+    returns the number of a signal any worker has received (0: none), the same on every worker
+    (a collective), so that all stop after the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, agree=None):
+        self.signum = None
+        self.agree = agree
+        self._previous = {}
+
+    def requested(self):
+        """The signal that stops the run now (0: none); with `agree`, the workers' decision."""
+        signum = self.signum or 0
+        return self.agree(signum) if self.agree is not None else signum
+
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
 
 def _replace_atomically(path, text):
@@ -54,14 +102,18 @@ class Backup(keras.callbacks.Callback):
 
     Files in `directory`:
         weights-<n>.weights.h5  the model's and the optimizer's variables at save n
-        state.json              the commit point: the epoch to resume at, the weights file and
-                                the state of the callbacks named in `keep`; also the previous
-                                save's, whose weights file is kept as a fallback
+        state.json              the commit point: the epoch and step to resume at, the weights
+                                file and the state of the callbacks named in `keep`; also the
+                                previous save's, whose weights file is kept as a fallback
 
     A save writes a new weights file, then replaces state.json by a rename; a crash before the
     rename leaves the previous state whole (the half-written file is removed by the next save).
-    A mid-epoch save resumes at the start of that epoch, as keras.callbacks.BackupAndRestore
-    does. Saves stop at the first non-finite loss, so a rerun never resumes from NaN weights.
+    A mid-epoch save resumes at its step: `restore` says how many of the epoch's steps are done
+    (`resume_step`), and the run trains the rest of that epoch first (training.fit; a fit that
+    starts mid-epoch tells this callback with `start_epoch_at`). With `stop` (a StopSignals),
+    a termination signal saves at the next step boundary (at an epoch's last step, once the
+    epoch has ended) and raises Interrupted. Saves stop at the first non-finite loss, so a
+    rerun never resumes from NaN weights.
     Nothing here waits for the device at a step: the time is read before a step, and the loss
     from the logs Keras has already turned into Python floats after it.
 
@@ -77,10 +129,11 @@ class Backup(keras.callbacks.Callback):
             and set again by `restore` (a plateau schedule's counters, the best metric so far).
         history_csv: a CSVLogger file; `restore` drops its rows of the epochs that will run
             again, so that each epoch appears once.
+        stop: a StopSignals whose signal stops training at the next step boundary.
     """
 
     def __init__(self, directory, save_freq="epoch", keep=None, history_csv=None,
-                 every_seconds=0.0, overhead=None, clock=time.monotonic):
+                 every_seconds=0.0, overhead=None, clock=time.monotonic, stop=None):
         super().__init__()
         self.directory = directory
         self.save_freq = save_freq
@@ -90,9 +143,13 @@ class Backup(keras.callbacks.Callback):
         self.keep = keep or {}
         self.history_csv = history_csv
         self.clock = clock
+        self.stop = stop
+        self.resume_step = 0  # steps of the resumed epoch done before the backup (restore)
         self._epoch = 0
         self._steps = 0  # steps this run has trained
         self._epoch_start_steps = 0
+        self._first_step = 0  # steps of the current epoch done before this fit started it
+        self._epoch_step = 0  # steps of the current epoch done
         self._saved_at = self._epoch_began = clock()
         self._state = None  # the state.json now on disk
         self._finite = True
@@ -110,12 +167,18 @@ class Backup(keras.callbacks.Callback):
             return self.every_seconds
         return min(self.every_seconds, self._save_seconds / self.overhead)
 
+    def start_epoch_at(self, step):
+        """The next epoch this callback sees starts with `step` of its steps already done (a
+        fit that resumes mid-epoch)."""
+        self._first_step = step
+
     def on_train_begin(self, logs=None):
         self._saved_at = self.clock()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._epoch_start_steps = self._steps
+        self._epoch_step = self._first_step
         self._epoch_began = self.clock()
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -125,24 +188,34 @@ class Backup(keras.callbacks.Callback):
         interval = self.interval()
         if (interval and batch and now - self._saved_at >= interval
                 and now - self._epoch_began >= interval):
-            self.save(self._epoch)
+            self.save(self._epoch, self._epoch_step)
 
     def on_train_batch_end(self, batch, logs=None):
         # `batch`: the last step of the call (several with steps_per_execution).
         self._finite = self._finite and math.isfinite(float((logs or {}).get("loss", 0.0)))
         before, self._steps = self._steps, self._epoch_start_steps + batch + 1
+        self._epoch_step = self._first_step + batch + 1
         # The epoch's last step is saved by on_epoch_end, which comes next.
-        last_step = batch + 1 == (self.params or {}).get("steps")
-        if (self.save_freq != "epoch" and self._steps // self.save_freq > before // self.save_freq
-                and not last_step):
-            self.save(self._epoch)
+        if batch + 1 == (self.params or {}).get("steps"):
+            return
+        signum = self.stop.requested() if self.stop is not None else 0
+        if signum:
+            self.save(self._epoch, self._epoch_step)
+            raise Interrupted(signum, self._epoch, self._epoch_step)
+        if self.save_freq != "epoch" and self._steps // self.save_freq > before // self.save_freq:
+            self.save(self._epoch, self._epoch_step)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.due_at_epoch_end(epoch):
+        self._first_step = 0
+        signum = self.stop.requested() if self.stop is not None else 0
+        if signum or self.due_at_epoch_end(epoch):
             self.save(epoch + 1)
+        if signum and epoch + 1 < (self.params or {}).get("epochs", 0):
+            raise Interrupted(signum, epoch + 1, 0)
 
-    def save(self, resume_epoch):
-        """Commits the state that resumes at `resume_epoch` (0-based)."""
+    def save(self, resume_epoch, step=0):
+        """Commits the state that resumes at `resume_epoch` (0-based), `step` of its steps
+        done."""
         if not self._finite:
             return
         started = self.clock()
@@ -153,6 +226,7 @@ class Backup(keras.callbacks.Callback):
         state = {
             "serial": serial,
             "epoch": resume_epoch,
+            "step": step,
             "weights": weights,
             "callbacks": {name: {attribute: getattr(callback, attribute)
                                  for attribute in attributes}
@@ -182,8 +256,9 @@ class Backup(keras.callbacks.Callback):
 
     def restore(self, model):
         """Loads the newest readable state into `model` (built, with its optimizer) and the kept
-        callbacks; returns the epoch to resume at (0 when there is no backup). Raises
-        BackupError when nothing in the backup can be read."""
+        callbacks; returns the epoch to resume at (0 when there is no backup), and sets
+        `resume_step` to the steps of that epoch already done. Raises BackupError when nothing
+        in the backup can be read."""
         self.set_model(model)
         path = os.path.join(self.directory, STATE_FILE)
         if not os.path.exists(path):
@@ -209,6 +284,7 @@ class Backup(keras.callbacks.Callback):
                 continue
             if state is not newest:
                 logging.warning("Resuming from the previous backup (epoch %d)", state["epoch"] + 1)
+            self.resume_step = state.get("step", 0)
             for name, values in state["callbacks"].items():
                 callback, _ = self.keep[name]
                 for attribute, value in values.items():

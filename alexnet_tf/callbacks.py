@@ -50,14 +50,19 @@ class StopOnNaN(keras.callbacks.Callback):
         super().__init__()
         self.steps_per_epoch = steps_per_epoch
         self.epoch = 0
+        self.first_step = 0  # steps of the next epoch done before this fit (a resumed run)
         self.bad_step = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
+    def on_epoch_end(self, epoch, logs=None):
+        self.first_step = 0
+
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(float(loss)):
+            batch += self.first_step
             self.bad_step = (self.epoch, batch, self.epoch * self.steps_per_epoch + batch + 1)
             self.model.stop_training = True
 
@@ -84,6 +89,10 @@ class EpochReport(keras.callbacks.Callback):
         self.timed = None  # (clock at the start of the timed steps, the first timed step)
         self.steps_done_at = None
 
+    def _steps(self):
+        """The steps of this fit's epochs (fewer than an epoch's in a run resumed mid-epoch)."""
+        return (self.params or {}).get("steps") or self.steps_per_epoch
+
     def on_epoch_begin(self, epoch, logs=None):
         self.start = self.clock()
         self.timed = (self.start, 0)
@@ -94,7 +103,7 @@ class EpochReport(keras.callbacks.Callback):
             self.timed = (self.clock(), batch)
 
     def on_train_batch_end(self, batch, logs=None):
-        if batch + 1 == self.steps_per_epoch:
+        if batch + 1 == self._steps():
             self.steps_done_at = self.clock()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -102,7 +111,7 @@ class EpochReport(keras.callbacks.Callback):
         now = self.clock()
         elapsed = now - self.start
         started, first = self.timed
-        rate = (self.global_batch * (self.steps_per_epoch - first)
+        rate = (self.global_batch * (self._steps() - first)
                 / max((self.steps_done_at or now) - started, 1e-9))
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         logs["images_per_sec"] = rate

@@ -3,13 +3,24 @@
 alexnet_tf.training writes it; alexnet_tf.serving (export.py) and alexnet_tf.visualize read it.
 """
 
+import contextlib
 import dataclasses
+import fcntl
+import json
 import os
 import shutil
+import socket
+import time
+
+from absl import logging
 
 
 class RunDirError(RuntimeError):
     """A file a finished run should hold is missing; one-line message naming it."""
+
+
+class RunDirInUse(RunDirError):
+    """Another live process trains in the run directory; one-line message naming it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +35,7 @@ class RunDir:
         history.csv                    one row of metrics per epoch
         tensorboard/                   TensorBoard logs
         results.json                   the final metrics
+        run.lock                       who trains here now (`hold`)
     """
 
     path: str
@@ -39,6 +51,7 @@ class RunDir:
     history = property(lambda self: self._file("history.csv"))
     tensorboard = property(lambda self: self._file("tensorboard"))
     results = property(lambda self: self._file("results.json"))
+    lock = property(lambda self: self._file("run.lock"))
 
     def checkpoint(self, which="best"):
         """checkpoints/<which>.keras, which is "best" or "last"."""
@@ -64,3 +77,43 @@ class RunDir:
         if not os.path.exists(path):
             raise RunDirError(f"{path} not found: is {self.path} a finished training run?")
         return path
+
+    @contextlib.contextmanager
+    def hold(self):
+        """One training process per run directory: holds an exclusive lock on run.lock (the
+        kernel frees it when the process ends, kill -9 and crashes included) and writes the
+        holder's host, pid and start time in it. RunDirInUse when a live process holds it; a
+        lock file left by a process that is gone is taken over, with a log line naming it."""
+        os.makedirs(self.path, exist_ok=True)
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        held = False
+        try:
+            with os.fdopen(os.dup(fd)) as f:
+                holder = f.read().strip()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunDirInUse(
+                    f"{self.path} is in use by another training run ({_describe(holder)}); "
+                    "wait for it to end or stop it, or give another --workdir") from None
+            held = True
+            if holder:
+                logging.warning("Taking over %s from a run that is no longer running (%s)",
+                                self.lock, _describe(holder))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+            yield
+        finally:
+            if held:
+                os.ftruncate(fd, 0)  # an end the process saw itself leaves nobody named
+            os.close(fd)  # and with it the lock
+
+
+def _describe(holder):
+    """The holder named in a lock file's text."""
+    try:
+        h = json.loads(holder)
+        return f"pid {h['pid']} on host {h['host']}, since {h['since']}"
+    except (ValueError, TypeError, KeyError):
+        return "unknown holder"

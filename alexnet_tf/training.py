@@ -7,7 +7,10 @@ into a `train_config.TrainConfig` and calls it.
 
 import contextlib
 import json
+import math
 import os
+import re
+import signal
 import time
 import warnings
 
@@ -19,7 +22,7 @@ from alexnet_tf import backup as backup_lib, devices
 from alexnet_tf import inputs as inputs_lib, keras_compat, layers, model as model_lib
 from alexnet_tf import preprocessing, preprocessing_layers, strategy as strategy_lib, weights
 from alexnet_tf.callbacks import DivideOnPlateau, EpochReport, StopOnNaN
-from alexnet_tf.rundir import RunDir
+from alexnet_tf.rundir import RunDir, RunDirInUse
 from alexnet_tf.train_config import RESUME_SETTINGS, TrainingError
 
 
@@ -259,33 +262,50 @@ def create_callbacks(config, run, steps_per_epoch, skipped, chief):
 
 
 def fit(model, config, strategy, inputs, datasets, steps_per_epoch, callbacks, chief):
-    """Resumes from the backup, trains to config.epochs and evaluates; (results, seconds)."""
+    """Resumes from the backup (at its step: the rest of a half-done epoch first), trains to
+    config.epochs and evaluates; (results, seconds). A termination signal during training
+    backs up at the next step boundary and raises backup.Interrupted; a batch that does not fit
+    in memory raises a one-line TrainingError."""
     train_ds, val_ds = datasets
     backup = next(c for c in callbacks if isinstance(c, backup_lib.Backup))
     stop_on_nan = next(c for c in callbacks if isinstance(c, StopOnNaN))
     start = time.perf_counter()
     work_arounds = keras_compat.fit_work_arounds(
         model, strategy, _dummy_batch(model, strategy, inputs.num_classes))
-    with work_arounds, _validation_runs_out_quietly():
+    with work_arounds, _validation_runs_out_quietly(), _out_of_memory_explained(config, strategy):
         try:
-            initial_epoch = backup.restore(model)
+            epoch = backup.restore(model)
         except backup_lib.BackupError as e:
             raise TrainingError(f"{e}; --start_over discards the backup and trains from the "
                                 "first epoch") from None
-        if initial_epoch and chief:
-            logging.info("Resuming from the backup in %s at epoch %d", backup.directory,
-                         initial_epoch + 1)
-        model.fit(
-            train_ds,
-            initial_epoch=initial_epoch,
-            epochs=config.epochs,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=val_ds,
-            callbacks=callbacks,
-            shuffle=False,  # the tf.data pipeline shuffles
-            # A progress bar on a terminal; in logs EpochReport's one line per epoch is enough.
-            verbose=1 if os.isatty(1) else 0,
-        )
+        step = backup.resume_step
+        if (epoch or step) and chief:
+            logging.info("Resuming from the backup in %s at epoch %d, step %d", backup.directory,
+                         epoch + 1, step)
+        # A run resumed mid-epoch trains the rest of that epoch as a fit of its own.
+        fits = [(epoch, epoch + 1, steps_per_epoch - step)] if step else []
+        if epoch + bool(step) < config.epochs:
+            fits.append((epoch + bool(step), config.epochs, steps_per_epoch))
+        per_call = model.steps_per_execution
+        with backup_lib.StopSignals(_signal_agreement(strategy)) as stop:
+            backup.stop = stop
+            for first, last, steps in fits:
+                backup.start_epoch_at(steps_per_epoch - steps)
+                stop_on_nan.first_step = steps_per_epoch - steps
+                _set_steps_per_call(model, math.gcd(per_call, steps))
+                model.fit(
+                    train_ds,
+                    initial_epoch=first,
+                    epochs=last,
+                    steps_per_epoch=steps,
+                    validation_data=val_ds,
+                    callbacks=callbacks,
+                    shuffle=False,  # the tf.data pipeline shuffles
+                    # A progress bar on a terminal; in logs EpochReport's one line per epoch.
+                    verbose=1 if os.isatty(1) else 0,
+                )
+                if stop_on_nan.bad_step is not None:
+                    break
         train_seconds = time.perf_counter() - start
         if stop_on_nan.bad_step is not None:
             epoch, batch, step = stop_on_nan.bad_step
@@ -293,7 +313,52 @@ def fit(model, config, strategy, inputs, datasets, steps_per_epoch, callbacks, c
                 f"loss became NaN/inf at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
                 "lower --learning_rate or check the data")
         results = model.evaluate(val_ds, return_dict=True, verbose=0)
-    return {k: float(v) for k, v in results.items()}, train_seconds
+    results = {k: float(v) for k, v in results.items()}
+    # Read through TensorFlow: int() of a Keras variable fails on a MirroredVariable.
+    results["steps"] = int(tf.convert_to_tensor(model.optimizer.iterations.value))
+    return results, train_seconds
+
+
+def _signal_agreement(strategy):
+    """With several workers, StopSignals' `agree`: a signal on any worker stops them all after
+    the same step (one all-reduce of a number per call of steps); None with one worker."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.cluster_spec().num_tasks("worker") in (None, 0, 1):
+        return None
+
+    def agree(signum):
+        votes = strategy.run(lambda: tf.constant(signum, tf.int32))
+        if int(strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)) == 0:
+            return 0
+        return signum or int(signal.SIGTERM)  # another worker's: the signal of a preemption
+
+    return agree
+
+
+def _set_steps_per_call(model, per_call):
+    """Keras' calls of `per_call` steps from the next fit on (a resumed epoch's rest may not
+    divide by the run's: Keras would run past its end)."""
+    if model.steps_per_execution != per_call:
+        model.steps_per_execution = per_call
+        model.train_function = None  # traced again, with the new count
+
+
+@contextlib.contextmanager
+def _out_of_memory_explained(config, strategy):
+    """A batch that does not fit in the device's or the host's memory: one line saying what was
+    asked for and what to change, instead of TensorFlow's allocator report."""
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as e:
+        replicas = strategy.num_replicas_in_sync
+        asked = re.search(r"OOM when allocating tensor with shape\[[^\]]*\][^\n]*", str(e.message))
+        first = asked.group(0) if asked else "TensorFlow's allocator ran out"
+        raise TrainingError(
+            f"out of memory training --variant={config.variant} at --batch_size="
+            f"{config.batch_size} ({config.batch_size // replicas} per replica on {replicas} "
+            f"replica(s)) in {keras.mixed_precision.global_policy().name} ({first}); halve "
+            f"--batch_size (--batch_size={max(config.batch_size // 2, replicas)}) until it fits, "
+            "or use bfloat16/float16 where the hardware has it") from None
 
 
 def report(results, run):
@@ -313,15 +378,27 @@ def train_and_evaluate(config, workdir):
     """Trains `config` in `workdir` (see RunDir for its files), resuming from its backup if one
     is there.
 
+    One process trains in a workdir at a time (RunDir.hold): TrainingError when another holds
+    it. SIGTERM or SIGINT during training backs up at the next step boundary and raises
+    backup.Interrupted, saying where a rerun continues.
+
     Returns:
         dict of final metrics (loss, top1, top5, top1_error, top5_error, ten_crop_* if asked,
-        train_seconds).
+        steps: the optimizer's steps in all, train_seconds).
     """
     config.validate()
     check_resumable(config, RunDir(workdir))
     strategy = strategy_lib.set_up_process(config)
     chief = strategy_lib.is_chief(strategy)
     run = RunDir(workdir) if chief else RunDir(workdir).worker(strategy.cluster_resolver.task_id)
+    try:
+        with run.hold():
+            return _train_and_evaluate(config, workdir, strategy, chief, run)
+    except RunDirInUse as e:
+        raise TrainingError(str(e)) from None
+
+
+def _train_and_evaluate(config, workdir, strategy, chief, run):
     run.create(start_over=config.start_over)
     source = inputs_lib.source_of(config)
     inputs_lib.check_splits(config, source)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import keras
 import numpy as np
@@ -115,7 +116,7 @@ def test_a_crash_during_a_save_leaves_the_last_complete_state(tmp_path, monkeypa
         np.testing.assert_array_equal(restored, saved)
 
 
-def test_mid_epoch_saves_resume_at_the_start_of_their_epoch(tmp_path):
+def test_mid_epoch_saves_resume_at_their_step(tmp_path):
     model, backup, _ = fresh(tmp_path)
     backup.save_freq = 3
     backup.set_model(model)
@@ -124,7 +125,94 @@ def test_mid_epoch_saves_resume_at_the_start_of_their_epoch(tmp_path):
         backup.on_train_batch_end(batch, {"loss": 1.0})
     assert json.loads((tmp_path / "state.json").read_text())["serial"] == 2  # after 3 and 6
     model, backup, _ = fresh(tmp_path)
-    assert backup.restore(model) == 4
+    assert backup.restore(model) == 4 and backup.resume_step == 6
+
+
+def test_an_epoch_resumed_mid_way_counts_its_steps_from_the_resume(tmp_path):
+    model, backup, _ = fresh(tmp_path)
+    backup.save_freq = 2
+    backup.set_model(model)
+    backup.set_params({"steps": 4, "epochs": 3})  # the 4 steps left of a 10-step epoch
+    backup.start_epoch_at(6)
+    backup.on_epoch_begin(1)
+    backup.on_train_batch_end(0, {"loss": 1.0})
+    backup.on_train_batch_end(1, {"loss": 1.0})
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 8)
+    backup.on_epoch_end(1)
+    backup.on_epoch_begin(2)  # the next epoch starts at its first step
+    backup.on_train_batch_end(1, {"loss": 1.0})
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert (state["epoch"], state["step"]) == (2, 2)
+
+
+class _SignalAfter(keras.callbacks.Callback):
+    """Sends this process `signum` once `calls` calls have ended (a preemption notice)."""
+
+    def __init__(self, calls, signum):
+        super().__init__()
+        self.calls, self.signum = calls, signum
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls -= 1
+        if self.calls == 0:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_at_the_next_step_and_stops(tmp_path, signum):
+    model, backup, _ = fresh(tmp_path)
+    x = np.arange(48, dtype=np.float32).reshape(16, 3) / 50
+    with backup_lib.StopSignals() as stop:
+        backup.stop = stop
+        with pytest.raises(backup_lib.Interrupted) as e:
+            model.fit(x, np.ones((16, 2), np.float32), batch_size=2, epochs=3, verbose=0,
+                      callbacks=[_SignalAfter(11, signum), backup])
+    # 8 steps per epoch: the signal came after the 11th step, the 3rd of the 2nd epoch.
+    assert (e.value.epoch, e.value.step, e.value.signum) == (1, 3, signum)
+    assert str(e.value).startswith("stopped at epoch 2 step 3 by ")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    saved = [w.copy() for w in model.get_weights()]
+    model, backup, _ = fresh(tmp_path)
+    assert backup.restore(model) == 1 and backup.resume_step == 3
+    assert int(model.optimizer.iterations) == 11
+    for restored, weights in zip(model.get_weights(), saved):
+        np.testing.assert_array_equal(restored, weights)
+
+
+def test_a_signal_at_an_epochs_last_step_stops_once_the_epoch_has_ended(tmp_path):
+    model, backup, _ = fresh(tmp_path)
+    x = np.arange(48, dtype=np.float32).reshape(16, 3) / 50
+    with backup_lib.StopSignals() as stop:
+        backup.stop = stop
+        with pytest.raises(backup_lib.Interrupted) as e:
+            model.fit(x, np.ones((16, 2), np.float32), batch_size=2, epochs=3, verbose=0,
+                      callbacks=[_SignalAfter(8, signal.SIGTERM), backup])
+    assert (e.value.epoch, e.value.step) == (1, 0)
+    model, backup, _ = fresh(tmp_path)
+    assert backup.restore(model) == 1 and backup.resume_step == 0
+
+
+def test_a_second_signal_while_saving_leaves_a_whole_backup(tmp_path, monkeypatch):
+    model, backup, _ = fresh(tmp_path)
+    x = np.arange(48, dtype=np.float32).reshape(16, 3) / 50
+    save_weights = model.save_weights
+
+    def save_with_another_signal(path):  # the notice repeated while the weights are written
+        os.kill(os.getpid(), signal.SIGTERM)
+        save_weights(path)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(model, "save_weights", save_with_another_signal)
+    with backup_lib.StopSignals() as stop:
+        backup.stop = stop
+        with pytest.raises(backup_lib.Interrupted) as e:
+            model.fit(x, np.ones((16, 2), np.float32), batch_size=2, epochs=2, verbose=0,
+                      callbacks=[_SignalAfter(3, signal.SIGTERM), backup])
+    assert (e.value.epoch, e.value.step, e.value.signum) == (0, 3, signal.SIGTERM)
+    model, backup, _ = fresh(tmp_path)
+    assert backup.restore(model) == 0 and backup.resume_step == 3
+    assert int(model.optimizer.iterations) == 3
 
 
 def test_an_epochs_last_step_is_saved_once_by_the_epoch_end(tmp_path):

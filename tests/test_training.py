@@ -17,7 +17,8 @@ import numpy as np
 import tensorflow as tf
 import pytest
 
-from alexnet_tf import callbacks, preprocessing, preprocessing_layers, train_config, training
+from alexnet_tf import backup as backup_lib, callbacks, preprocessing, preprocessing_layers
+from alexnet_tf import train_config, training
 from alexnet_tf import strategy as strategy_lib
 from tests.helpers import (ROOT, assert_one_line_error, history, pixel_eigenvalues, run_train,
                            settled_inputs, tiny_config, tiny_idx, write_folder_tree)
@@ -253,19 +254,24 @@ def _backup_serial(workdir):
 
 
 @pytest.mark.slow
-def test_sigkill_at_ten_random_moments_loses_nothing(tmp_path):
-    """Kills training 10 times, each at a random moment after a random number (0-12) of its
-    backups: a backup every 2 steps puts many of the kills in the middle of a write. Every rerun
-    must resume, never from an earlier epoch, and the last one finish."""
+def test_sigterm_and_sigkill_at_ten_random_moments_lose_nothing(tmp_path):
+    """Stops training 10 times, by SIGTERM and by SIGKILL (5 each, in a seeded random order),
+    each at a random moment after a random number (0-6) of its backups: a backup every 2 steps
+    puts many of the kills in the middle of a write. A SIGTERM ends the run with exit status 143
+    and one line saying where it stopped; every rerun resumes, never earlier than the one
+    before, and the last one finishes with each epoch once in history.csv and the step count
+    of an uninterrupted run."""
     workdir = tmp_path / "run"
     args = [f"--dataset={tiny_idx(tmp_path, n=1024)}", "--variant=cifar", "--init=keras",
             "--batch_size=32", "--epochs=8", "--steps_per_epoch=10", "--eval_steps=1",
-            "--checkpoint_every_steps=2", "--schedule=plateau", "--plateau_patience=1",
-            f"--workdir={workdir}"]
+            "--checkpoint_every_steps=2", "--steps_per_execution=1", "--schedule=plateau",
+            "--plateau_patience=1", f"--workdir={workdir}"]
     env = dict(os.environ, PYTHONPATH=ROOT)
     rng = random.Random(0)
-    resumed_at, during_a_write, killed = [], 0, 0
-    for kill in range(10):
+    signals = [signal.SIGTERM] * 5 + [signal.SIGKILL] * 5
+    rng.shuffle(signals)
+    resumed_at, during_a_write, stopped = [], 0, 0
+    for kill, signum in enumerate(signals):
         had_backup = (workdir / "backup" / "state.json").exists()
         ready = "Resuming from the backup" if had_backup else "parameters"
         log = tmp_path / f"log{kill}.txt"
@@ -275,32 +281,40 @@ def test_sigkill_at_ten_random_moments_loses_nothing(tmp_path):
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None and ready not in log.read_text():
             time.sleep(0.02)
-        target = _backup_serial(workdir) + rng.randint(0, 12)
+        target = _backup_serial(workdir) + rng.randint(0, 6)
         while time.time() < deadline and proc.poll() is None and _backup_serial(workdir) < target:
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.15))
-        killed += proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        running = proc.poll() is None
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
         text = log.read_text()
         assert ready in text and "Traceback" not in text, text[-3000:]
+        if signum == signal.SIGTERM and running and "final: top-1" not in text:
+            stopped += 1
+            assert proc.returncode == 143, text[-3000:]
+            assert re.search(r"train.py: stopped at epoch \d+ step \d+ by SIGTERM; rerun the "
+                             r"same command to continue\n$", text), text[-3000:]
         if had_backup:
-            resumed_at.append(int(re.search(r"Resuming from the backup in \S+ at epoch (\d+)",
-                                            text).group(1)))
+            resumed_at.append(tuple(int(n) for n in re.search(
+                r"Resuming from the backup in \S+ at epoch (\d+), step (\d+)", text).groups()))
         if (workdir / "backup" / "state.json").exists():
             state = json.loads((workdir / "backup" / "state.json").read_text())
             committed = {state["weights"], (state["previous"] or {}).get("weights"), "state.json"}
             during_a_write += bool(set(os.listdir(workdir / "backup")) - committed or [
                 name for name in os.listdir(workdir / "checkpoints") if name.startswith(".tmp-")])
-    assert len(resumed_at) >= 8 and resumed_at == sorted(resumed_at)  # never an earlier epoch
-    print(f"killed {killed} times, {during_a_write} of them during a backup or checkpoint write; "
-          f"resumed at epochs {resumed_at}")
+    assert len(resumed_at) >= 8 and resumed_at == sorted(resumed_at)  # never an earlier step
+    assert stopped >= 3
+    print(f"stopped {stopped} times by SIGTERM; {during_a_write} kills during a backup or "
+          f"checkpoint write; resumed at (epoch, step) {resumed_at}")
 
     result = run_train(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final: top-1" in result.stdout
     assert [int(r["epoch"]) for r in history(workdir)] == list(range(8))
-    keras.models.load_model(workdir / "checkpoints" / "last.keras")
+    assert json.loads((workdir / "results.json").read_text())["steps"] == 8 * 10
+    assert int(keras.models.load_model(workdir / "checkpoints" / "last.keras")
+               .optimizer.iterations) == 8 * 10
     keras.models.load_model(workdir / "checkpoints" / "best.keras")
 
 
@@ -426,3 +440,189 @@ def test_pca_from_the_dataset_is_settled_once_and_recorded(tmp_path):
     assert preprocessing.PreprocessConfig.from_json(run.preprocessing) == inputs.preprocess
     with pytest.raises(dataclasses.FrozenInstanceError):
         inputs.preprocess.crop = "inception"
+
+
+class _SignalAfterCalls(keras.callbacks.Callback):
+    """Sends this process SIGTERM once `calls` of Keras' calls have ended (a preemption)."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls -= 1
+        if self.calls == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_mid_epoch_resumes_at_its_step_on_the_same_schedule(tmp_path, monkeypatch):
+    """3 epochs of 6 steps, 2 per call, cosine decay: SIGTERM after the 4th call (epoch 2, step
+    2) stops the run there; the rerun (3 steps per call: the rest of epoch 2 takes 1) trains
+    the 10 steps left. The step count and each epoch's learning rate are an uninterrupted
+    run's."""
+    config = tiny_config(tmp_path, epochs=3, steps_per_epoch=6, steps_per_execution=2,
+                         schedule="cosine", learning_rate=0.05)
+    whole = training.train_and_evaluate(config, str(tmp_path / "whole"))
+    create_callbacks = training.create_callbacks
+    monkeypatch.setattr(training, "create_callbacks", lambda *a, **k: (
+        lambda made: ([_SignalAfterCalls(4), *made[0]], made[1]))(create_callbacks(*a, **k)))
+    workdir = str(tmp_path / "run")
+    with pytest.raises(backup_lib.Interrupted) as e:
+        training.train_and_evaluate(config, workdir)
+    assert (e.value.epoch, e.value.step) == (1, 2)
+    assert [int(r["epoch"]) for r in history(workdir)] == [0]
+    monkeypatch.setattr(training, "create_callbacks", create_callbacks)
+    resumed = training.train_and_evaluate(
+        dataclasses.replace(config, steps_per_execution=3), workdir)
+    assert resumed["steps"] == whole["steps"] == 18
+    rows, whole_rows = history(workdir), history(tmp_path / "whole")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert [float(r["learning_rate"]) for r in rows] == pytest.approx(
+        [float(r["learning_rate"]) for r in whole_rows])
+    # The reference: Keras' CosineDecay(0.05, 18) after 6, 12 and 18 steps.
+    assert [float(r["learning_rate"]) for r in rows] == pytest.approx(
+        [0.05 * 0.5 * (1 + np.cos(np.pi * s / 18)) for s in (6, 12, 18)], abs=1e-6)
+
+
+_HOLD = """
+import sys, time
+from alexnet_tf.rundir import RunDir
+with RunDir(sys.argv[1]).hold():
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _holder(workdir):
+    """A process that holds `workdir` as a training run does, until killed."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(workdir)], stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_workdir_in_use_is_refused_naming_the_run_and_a_stale_lock_is_taken_over(tmp_path):
+    from alexnet_tf.rundir import RunDir, RunDirInUse
+
+    workdir = tmp_path / "run"
+    proc = _holder(workdir)
+    try:
+        with pytest.raises(RunDirInUse, match=rf"in use by another training run \(pid "
+                                              rf"{proc.pid} on host {socket.gethostname()}"):
+            with RunDir(str(workdir)).hold():
+                pass
+    finally:
+        proc.kill()  # as kill -9 would: the lock file still names it
+        proc.wait()
+    assert f'"pid": {proc.pid}' in (workdir / "run.lock").read_text()
+    with RunDir(str(workdir)).hold():  # the kernel freed its lock with the process
+        assert f'"pid": {os.getpid()}' in (workdir / "run.lock").read_text()
+    assert (workdir / "run.lock").read_text() == ""  # a clean end names nobody
+
+
+@pytest.mark.slow
+def test_train_py_stops_at_once_in_a_workdir_another_run_holds(tmp_path):
+    workdir = tmp_path / "run"
+    proc = _holder(workdir)
+    try:
+        result = run_train([f"--dataset={tiny_idx(tmp_path)}", "--variant=cifar", "--epochs=1",
+                            "--steps_per_epoch=2", "--batch_size=32", f"--workdir={workdir}"],
+                           cwd=tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert_one_line_error(result, "train.py", f"pid {proc.pid}", "another --workdir")
+    assert not (workdir / "history.csv").exists()
+
+
+@pytest.mark.slow  # TensorFlow's allocator tries for 40 s before it gives up
+def test_a_batch_that_does_not_fit_is_one_line_saying_what_to_change(tmp_path, monkeypatch):
+    """A model whose training step asks the allocator for 2^46 floats (256 TiB): TensorFlow's
+    ResourceExhaustedError, as a batch too large for the device's or the host's memory gets,
+    comes out as one TrainingError naming the batch, the variant and what to do."""
+    build_model = training.build_model
+
+    def too_large(config, *args):
+        model = build_model(config, *args)
+        size = lambda x: tf.cast(tf.shape(x)[:1], tf.int64) * 0 + 2 ** 46  # noqa: E731
+        hungry = keras.layers.Lambda(lambda x: x + tf.reduce_min(
+            tf.random.stateless_uniform(size(x), [1, 2], dtype=x.dtype)))
+        inputs = keras.Input(model.input_shape[1:])
+        return keras.Model(inputs, model(hungry(inputs)), name=model.name)
+
+    monkeypatch.setattr(training, "build_model", too_large)
+    with pytest.raises(train_config.TrainingError) as e:
+        training.train_and_evaluate(tiny_config(tmp_path), str(tmp_path / "run"))
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 500
+    for fragment in ("out of memory training --variant=cifar at --batch_size=32",
+                     "1 replica", "OOM when allocating", "--batch_size=16"):
+        assert fragment in message, message
+
+
+def _wait_for_epochs(workdir, epochs, procs, seconds=240):
+    """Waits until history.csv of `workdir` has `epochs` rows (or a process ended)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if os.path.exists(workdir / "history.csv") and len(history(workdir)) >= epochs:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run ended or stalled before the moment of the signal")
+
+
+@pytest.mark.slow
+def test_sigterm_under_mirrored_strategy_saves_and_the_rerun_finishes(tmp_path):
+    workdir = tmp_path / "run"
+    args = [f"--dataset={tiny_idx(tmp_path, n=1024)}", "--variant=cifar", "--init=keras",
+            "--strategy=mirrored", "--cpu_replicas=2", "--batch_size=32", "--epochs=3",
+            "--steps_per_epoch=12", "--eval_steps=1", f"--workdir={workdir}"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_epochs(workdir, 1, [proc])
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143 and "Traceback" not in out, out[-3000:]
+    assert re.search(r"stopped at epoch [23] step \d+ by SIGTERM", out), out[-3000:]
+    result = run_train(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [int(r["epoch"]) for r in history(workdir)] == [0, 1, 2]
+    assert json.loads((workdir / "results.json").read_text())["steps"] == 3 * 12
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step(tmp_path):
+    """MultiWorkerMirroredStrategy, two local workers: SIGTERM to the chief alone stops both
+    after one step (they agree at each call), each saving its backup; both rerun to the end."""
+    dataset = tiny_idx(tmp_path, n=1024)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    workdir = tmp_path / "run"
+
+    def start():
+        procs = []
+        for index in range(2):
+            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            args = [sys.executable, os.path.join(ROOT, "train.py"), f"--dataset={dataset}",
+                    "--variant=cifar", "--init=keras", "--strategy=multi_worker",
+                    "--batch_size=32", "--epochs=3", "--steps_per_epoch=12", "--eval_steps=1",
+                    "--backup_every_minutes=0", f"--workdir={workdir}"]
+            procs.append(subprocess.Popen(
+                args, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT, TF_CONFIG=tf_config),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        return procs
+
+    procs = start()
+    _wait_for_epochs(workdir, 1, procs)
+    procs[0].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    stops = []
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 143 and "Traceback" not in out, out[-3000:]
+        stops.append(re.search(r"stopped at epoch (\d+) step (\d+) by SIGTERM", out).groups())
+    assert stops[0] == stops[1]
+    procs = start()
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert [int(r["epoch"]) for r in history(workdir)] == [0, 1, 2]
+    assert json.loads((workdir / "results.json").read_text())["steps"] == 3 * 12
