@@ -8,6 +8,7 @@ import tensorflow as tf
 import alexnet_tf
 from alexnet_tf import AlexNet, GroupedConv2D
 from alexnet_tf.layers import onednn_enabled
+from tests.helpers import require
 
 
 @pytest.mark.parametrize(
@@ -249,7 +250,7 @@ def test_dense_config_round_trips_and_rejects_unknown_implementation():
 
 
 def test_small_variant_matches_the_seed_pytorch_model():
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from tests import torch_reference
 
     model = AlexNet(10, variant="small", init="keras")

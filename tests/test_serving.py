@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import alexnet_tf
 from alexnet_tf import preprocessing, serving
-from tests.helpers import (ROOT, assert_one_line_error, encode, jpeg_bomb, run_measured,
+from tests.helpers import (ROOT, assert_one_line_error, encode, jpeg_bomb, require, run_measured,
                            smooth_image)
 
 CONFIG = preprocessing.PreprocessConfig(image_size=32, resize_size=36)
@@ -185,7 +185,7 @@ def test_saved_model_cli_lists_both_signatures(exported):
 
 
 def test_predict_request_proto_matches_the_signature(exported, model):
-    predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
+    predict_pb2 = require("tensorflow_serving.apis.predict_pb2")
     path, loaded = exported
     data = jpegs(2)
     request = predict_pb2.PredictRequest()
