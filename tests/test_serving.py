@@ -56,6 +56,7 @@ def test_first_version_is_1_and_next_is_2(exported, model):
     assert serving.next_version(os.path.dirname(path)) == 2
 
 
+@pytest.mark.onednn
 def test_serving_default_matches_keras_on_real_jpeg_bytes(exported, model):
     _, loaded = exported
     data = jpegs()
@@ -93,6 +94,7 @@ def test_export_holds_each_weight_once(exported, model):
     assert weight_bytes <= stored <= 1.1 * weight_bytes
 
 
+@pytest.mark.onednn
 def test_predict_images_matches_keras_on_decoded_pixels(exported, model):
     _, loaded = exported
     encoded = jpegs(1)[0]
