@@ -42,8 +42,10 @@ setup(
         # torch: the weight-import tests compare against PyTorch reference networks; 2.13.0 is
         # pinned because it is the CPU build this project's CI machines hold offline (an unpinned
         # torch pulls a CUDA build of several GB). nbclient/ipykernel: the notebook test.
+        # pillow: the tests write and read images with it. A test whose package is missing
+        # fails, naming it (tests/helpers.require).
         "test": ["pytest", "tensorflow-serving-api", "torch==2.13.0", "nbclient", "nbformat",
-                 "ipykernel", *sorted(set(BENCH + EXPORT))],
+                 "ipykernel", "pillow", *sorted(set(BENCH + EXPORT))],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

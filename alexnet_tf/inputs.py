@@ -91,13 +91,14 @@ def check_splits(config, source):
     --eval_steps batches (at least one)."""
     scans.check_split(source, "train", config.batch_size,
                       f"one training batch (--batch_size={config.batch_size})",
-                      config.max_pixels)
+                      config.max_pixels, smaller="a smaller --batch_size")
     if config.eval_steps:
         needed = (config.eval_steps - 1) * config.batch_size + 1
         what = f"--eval_steps={config.eval_steps} at --batch_size={config.batch_size}"
+        smaller = "a smaller --eval_steps" if config.eval_steps > 1 else None
     else:
-        needed, what = 1, "validation"
-    scans.check_split(source, "validation", needed, what, config.max_pixels)
+        needed, what, smaller = 1, "validation", None
+    scans.check_split(source, "validation", needed, what, config.max_pixels, smaller)
 
 
 @dataclasses.dataclass(frozen=True)

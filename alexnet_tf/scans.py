@@ -30,11 +30,12 @@ def _through_guard(source, split, max_pixels, decode, stand_in):
     return records.as_numpy_iterator(), skips, info
 
 
-def check_split(source, split, needed, what, max_pixels):
+def check_split(source, split, needed, what, max_pixels, smaller=None):
     """DataError unless `split` of `source` (a Source or a source string) holds at least
     `needed` images that pass the guard and decode, read in order until that many are found: a
-    run that would stop for want of images stops before it starts, saying why. `what` names
-    what needs them ("one training batch (--batch_size=4)")."""
+    run that would stop for want of images stops before it starts, saying why and what to do.
+    `what` names what needs them ("one training batch (--batch_size=4)"); `smaller`, when
+    given, names the setting that would need fewer ("a smaller --batch_size")."""
     # Decoded, not only checked: a split of files damaged inside would pass every check of the
     # bytes, and a repeating pipeline would then wait for ever for its first image.
     records, skips, info = _through_guard(
@@ -52,7 +53,16 @@ def check_split(source, split, needed, what, max_pixels):
     raise DataError(
         f"{sources.printable(info.source)}: the {split} split has {readable} readable image(s) "
         f"of {found + len(info.not_files)} file(s), fewer than the {needed} that {what} needs; "
-        f"skipped: {skips.describe()}")
+        f"skipped: {skips.describe()}; {_way_out(info, split, smaller)}")
+
+
+def _way_out(info, split, smaller):
+    """What a user can do about a split with too few readable images: one clause."""
+    if split == "validation" and info.held_out:
+        more = sources.held_out_way_out(sources.parse_source(info.source)[1])
+    else:
+        more = f"add readable images to the {split} split"
+    return f"{more}, or use {smaller}" if smaller else more
 
 
 def decoded_sample(source, count, max_pixels):

@@ -67,6 +67,14 @@ def in_validation_split(path):
     return digest[0] < 256 * FOLDER_VAL_FRACTION
 
 
+def held_out_way_out(root):
+    """What to do when the validation images that a folder without train/ and val/ sub-folders
+    holds out are too few: one clause for a one-line message."""
+    return (f"this folder holds out about {FOLDER_VAL_FRACTION:.0%} of its files, chosen by "
+            f"name, for validation: add images, or choose the validation images with "
+            f"{printable(root)}/train/<class>/ and {printable(root)}/val/<class>/ sub-folders")
+
+
 def printable(path):
     """A file name fit for a message: bytes that are not UTF-8 shown as \\x escapes."""
     if isinstance(path, bytes):

@@ -25,8 +25,9 @@ import tensorflow as tf
 from absl import logging
 
 from alexnet_tf import guard, preprocessing
-from alexnet_tf.source_files import (DataError, in_validation_split, list_class_folders,
-                                     parse_examples, printable, read_idx, read_prepared)
+from alexnet_tf.source_files import (DataError, held_out_way_out, in_validation_split,
+                                     list_class_folders, parse_examples, printable, read_idx,
+                                     read_prepared)
 
 # Each kind of source string: what follows its colon, and whether it must be given.
 KINDS = {
@@ -93,6 +94,8 @@ class DatasetInfo:
         flippable: its images may be mirrored in training (not digits).
         encoded: its records hold encoded bytes, which may prove unreadable; else decoded
             arrays (IDX, TFDS's decoded fallback for them), all of which are images.
+        held_out: a folder source without train/ and val/ sub-folders, whose validation
+            images are held out of its class folders by file-name hash.
     """
 
     source: str
@@ -107,6 +110,7 @@ class DatasetInfo:
     mean_std: tuple | None = None
     flippable: bool = True
     encoded: bool = True
+    held_out: bool = False
 
     @property
     def num_classes(self):
@@ -305,7 +309,8 @@ def _folder_split(root, split):
     sub = {"train": "train", "validation": "val"}.get(split)
     if sub is None:
         raise DataError(f"folder datasets have splits train and validation, not {split!r}")
-    if os.path.isdir(os.path.join(root, "train")):
+    held_out = not os.path.isdir(os.path.join(root, "train"))
+    if not held_out:
         split_root = os.path.join(root, sub)
         if sub == "val" and not os.path.isdir(split_root):
             split_root = os.path.join(root, "validation")
@@ -318,7 +323,8 @@ def _folder_split(root, split):
         not_files = tuple(f for f in not_files if
                           in_validation_split(f) == (split == "validation"))
         if not files and not not_files:
-            raise DataError(f"{root}: no images fall in the {split} split")
+            way_out = f"; {held_out_way_out(root)}" if split == "validation" else ""
+            raise DataError(f"{printable(root)}: no images fall in the {split} split{way_out}")
     for path in not_files:
         logging.warning("Skipping %s: %s", printable(path), guard.REASONS[guard.NOT_A_FILE])
     # The names' own bytes: TensorFlow would encode a str as UTF-8, which a name need not be.
@@ -326,7 +332,7 @@ def _folder_split(root, split):
     labels = np.asarray(labels, np.int32)
     jpeg_only = all(f.lower().endswith((".jpg", ".jpeg")) for f in files)
     info = DatasetInfo(f"folder:{root}", SourceKind.FOLDER, classes, 3, None, len(files),
-                       jpeg_only=jpeg_only, not_files=not_files)
+                       jpeg_only=jpeg_only, not_files=not_files, held_out=held_out)
 
     def items(**_):
         return tf.data.Dataset.from_tensor_slices((tf.constant(names, tf.string), labels))

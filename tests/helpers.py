@@ -2,6 +2,7 @@
 
 import csv
 import gzip
+import importlib
 import os
 import struct
 import subprocess
@@ -11,9 +12,34 @@ import threading
 import zlib
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the README's second command installs for the tests: a missing one fails the test that
+# needs it, naming it and this command, rather than skipping it.
+DEBIAN_INSTALL = "$(command -v sudo) apt-get install -y {}"
+PIP_INSTALL = "pip install -e '.[test]'"
+
+
+def require(module):
+    """`module`, imported; the test fails, naming it and the command that installs it, where it
+    is missing (the test extra holds every Python package the tests use)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(f"needs {module} ({e}): {PIP_INSTALL} installs it", pytrace=False)
+
+
+def require_fashion_mnist():
+    """The test fails, naming the package and the command that installs it, where Debian's
+    dataset-fashion-mnist (the real IDX files) is not installed."""
+    from alexnet_tf import sources
+
+    path = os.path.join(sources.IDX_DIRS["fashion_mnist"], "t10k-images-idx3-ubyte.gz")
+    if not os.path.exists(path):
+        pytest.fail(f"needs Debian's dataset-fashion-mnist ({path} is missing): "
+                    f"{DEBIAN_INSTALL.format('dataset-fashion-mnist')}", pytrace=False)
 
 
 def smooth_image(height, width, seed=0, channels=3):
@@ -105,12 +131,12 @@ LOADER_SOURCE = os.path.join(ROOT, "tests", "native", "load_saved_model.cc")
 def build_c_loader(binary):
     """Builds tests/native/load_saved_model.cc (a SavedModel loaded as TF Serving loads it)
     against this TensorFlow wheel's C API, at `binary`; returns its path. RuntimeError without
-    a C++ compiler (Debian's g++)."""
+    a C++ compiler (Debian's g++), naming the command that installs it."""
     import shutil
 
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        raise RuntimeError("no C++ compiler: install Debian's g++ (.ci/run does)")
+        raise RuntimeError(f"needs a C++ compiler: {DEBIAN_INSTALL.format('g++')}")
     tf_dir = os.path.dirname(tf.__file__)
     subprocess.run(
         [compiler, "-std=c++17", "-O1", "-o", binary, LOADER_SOURCE,

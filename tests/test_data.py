@@ -9,8 +9,8 @@ import tensorflow as tf
 
 from alexnet_tf import data, inputs, sources
 from alexnet_tf.preprocessing import PreprocessConfig
-from tests.helpers import (ROOT, encode, jpeg_bomb, smooth_image, write_folder_tree, write_idx,
-                           write_tfrecord)
+from tests.helpers import (ROOT, encode, jpeg_bomb, require, require_fashion_mnist, smooth_image,
+                           write_folder_tree, write_idx, write_tfrecord)
 
 SMALL = PreprocessConfig(image_size=32, resize_size=36)
 
@@ -176,9 +176,8 @@ def test_truncated_idx_file_is_a_clear_error(tmp_path):
         sources.Source(f"fashion_mnist:{tmp_path}").info("train")
 
 
-@pytest.mark.skipif(not os.path.exists(sources.IDX_DIRS["fashion_mnist"]),
-                    reason="Debian's dataset-fashion-mnist is not installed (CI installs it)")
 def test_real_fashion_mnist():
+    require_fashion_mnist()
     source = sources.Source("fashion_mnist")
     info = source.info("train")
     assert info.num_examples == 60_000 and info.image_size == (28, 28)
@@ -191,11 +190,10 @@ def test_real_fashion_mnist():
     assert len(set(labels.numpy().tolist())) > 5
 
 
-@pytest.mark.skipif(not os.path.exists(sources.IDX_DIRS["fashion_mnist"]),
-                    reason="Debian's dataset-fashion-mnist is not installed (CI installs it)")
 def test_the_readmes_fashion_mnist_datasets_know_their_length():
     """The README's Colab block up to its fit(): Keras shows an epoch's total (and no "ran out of
     data" warning at its end) when the dataset knows its length."""
+    require_fashion_mnist()
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     block = text.split("## Use it from Python (Colab)")[1].split("```python\n")[1].split("```")[0]
     assert block.rstrip().endswith("model.fit(train, epochs=1, validation_data=test)")
@@ -270,7 +268,7 @@ def test_sharding_gives_disjoint_parts(tmp_path):
 
 
 def test_tfds_source_with_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
+    tfds = require("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=8):
         source = sources.Source("tfds:cifar10")
         ds, _ = data.make_dataset(source, "train", True, 4, SMALL, data.Options(seed=0))

@@ -17,13 +17,19 @@ import tensorflow as tf
 import alexnet_tf
 from alexnet_tf import formats, preprocessing, serving, sources
 from tests.helpers import (ROOT, assert_one_line_error, photo_framings, recentre_classifier,
-                           run_train)
+                           require, require_fashion_mnist, run_train)
 
 # The export extra (pip install -e '.[export]'), which the test extra installs.
 EXPORT_EXTRA = ("ai_edge_litert", "onnxruntime", "openvino", "tf2onnx", "onnx")
-needs_export_extra = pytest.mark.skipif(
-    any(importlib.util.find_spec(name) is None for name in EXPORT_EXTRA),
-    reason="needs the export extra: pip install -e '.[export]'")
+needs_export_extra = pytest.mark.usefixtures("export_extra")
+
+
+@pytest.fixture
+def export_extra():
+    for name in EXPORT_EXTRA:
+        require(name)
+
+
 README = os.path.join(ROOT, "README.md")
 
 
@@ -248,8 +254,7 @@ def fashion_mnist_exports(tmp_path_factory):
     """The README recipe (configs/fashion_mnist.cfg) trained for 150 steps in float32, exported
     in every format and quantization by export.py, as the README names them. Returns (root,
     {name: version dir})."""
-    if not os.path.exists(os.path.join(FASHION_MNIST, "t10k-images-idx3-ubyte.gz")):
-        pytest.skip("needs Debian's dataset-fashion-mnist")
+    require_fashion_mnist()
     root = tmp_path_factory.mktemp("fashion_mnist")
     workdir = str(root / "run")
     result = run_train(["--flagfile=configs/fashion_mnist.cfg", "--epochs=1",

@@ -19,6 +19,7 @@ def lrn_reference(a, n, k, alpha, beta):
     return b
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize(
     "preset, n, k, alpha",
     [("paper", 5, 2.0, 1e-4), ("caffe", 5, 1.0, 2e-5), ("tf_cifar10", 9, 1.0, 0.001 / 9)],
@@ -52,6 +53,7 @@ def numeric_gradient(a, weights, n, k, alpha, beta, eps=1e-3):
     return grad
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize("implementation", ["fused", "tf"])
 @pytest.mark.parametrize("beta", [0.75, 0.6])
 def test_gradient_matches_finite_differences(implementation, beta):
@@ -71,6 +73,7 @@ def test_gradient_matches_finite_differences(implementation, beta):
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.onednn
 def test_fused_training_path_matches_tensorflow_lrn_on_paper_shapes():
     x = tf.random.normal([2, 27, 27, 256], stddev=30.0, seed=3)
     upstream = tf.random.normal(x.shape, seed=4)
@@ -90,6 +93,7 @@ def test_unknown_implementation_is_a_clear_error():
         LocalResponseNormalization(implementation="cuda")
 
 
+@pytest.mark.onednn
 def test_same_result_inside_tf_function():
     a = tf.random.normal([2, 5, 5, 16], stddev=20.0)
     layer = LocalResponseNormalization.from_preset("paper")
@@ -112,6 +116,7 @@ def test_unknown_preset_is_a_clear_error():
         LocalResponseNormalization.from_preset("nope")
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize("policy, dtype", [("mixed_float16", "float16"), ("mixed_bfloat16", "bfloat16")])
 def test_mixed_precision_computes_in_float32(policy, dtype):
     keras.config.set_dtype_policy(policy)
@@ -124,6 +129,7 @@ def test_mixed_precision_computes_in_float32(policy, dtype):
     np.testing.assert_allclose(tf.cast(out, tf.float32).numpy(), expected, rtol=1e-2)
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize("implementation", ["tf", "fused"])
 def test_float16_lrn_under_xla_matches_the_formula(implementation):
     # TensorFlow's own LRN fails under XLA in float16 (openxla/xla#43450); the layer computes

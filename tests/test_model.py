@@ -8,6 +8,7 @@ import tensorflow as tf
 import alexnet_tf
 from alexnet_tf import AlexNet, GroupedConv2D
 from alexnet_tf.layers import onednn_enabled
+from tests.helpers import require
 
 
 @pytest.mark.parametrize(
@@ -73,6 +74,7 @@ def test_layer_names_for_weight_mapping():
     assert isinstance(AlexNet(variant="paper").get_layer("conv2"), GroupedConv2D)
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize("implementation", [
     "split",
     pytest.param("native", marks=pytest.mark.skipif(
@@ -95,6 +97,7 @@ def test_grouped_layers_are_really_grouped(implementation):
         assert np.abs(y0[..., :half] - y1[..., :half]).min() > 0
 
 
+@pytest.mark.onednn
 def test_grouped_conv_matches_two_independent_convolutions():
     # Independent reference: numpy convolutions of each half of the input with its half of the
     # kernel (stride 1, SAME), plus bias, through the ReLU.
@@ -113,6 +116,7 @@ def test_grouped_conv_matches_two_independent_convolutions():
     np.testing.assert_allclose(y, np.maximum(expected + b, 0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize("variant", alexnet_tf.VARIANTS)
 def test_every_trainable_weight_gets_a_gradient(variant):
     model = AlexNet(10, variant=variant, init="keras")
@@ -156,6 +160,7 @@ def test_keras_save_load_round_trip_without_custom_objects(tmp_path):
     assert restored.get_layer("lrn1").alpha == 2e-5
 
 
+@pytest.mark.onednn
 def test_mixed_precision_forward_pass():
     keras.config.set_dtype_policy("mixed_float16")
     model = AlexNet(10, variant="cifar", input_shape=(28, 28, 1), init="keras")
@@ -188,6 +193,7 @@ def ops_in(fn, *specs):
     return {node.op for node in list(graph.node) + nested}
 
 
+@pytest.mark.onednn
 def test_eigen_dense_matches_numpy_forward_and_gradients():
     from alexnet_tf.layers import Dense
 
@@ -212,6 +218,7 @@ def test_eigen_dense_matches_numpy_forward_and_gradients():
     np.testing.assert_allclose(db.numpy(), g.sum(0), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.onednn
 def test_dense_trains_on_eigen_on_cpu_and_uses_standard_matmul_otherwise():
     from alexnet_tf.layers import Dense, standard_ops
 
@@ -248,8 +255,9 @@ def test_dense_config_round_trips_and_rejects_unknown_implementation():
         Dense(8, implementation="mkl")
 
 
+@pytest.mark.onednn
 def test_small_variant_matches_the_seed_pytorch_model():
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from tests import torch_reference
 
     model = AlexNet(10, variant="small", init="keras")

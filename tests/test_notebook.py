@@ -2,9 +2,9 @@
 
 import os
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+
+from tests.helpers import require, require_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "colab_quickstart.ipynb")
@@ -12,14 +12,14 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "colab_quickstart.ipynb")
 
 @pytest.mark.slow
 def test_colab_quickstart_runs(tmp_path, monkeypatch):
-    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
-        pytest.skip("needs Debian's dataset-fashion-mnist (the notebook would download)")
+    require_fashion_mnist()  # else the notebook would download it
     monkeypatch.setenv("ALEXNET_TF_NOTEBOOK_QUICK", "1")  # a few steps instead of epochs
     monkeypatch.setenv("PYTHONPATH", ROOT)
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    notebook = require("nbformat").read(NOTEBOOK, as_version=4)
+    require("nbclient").NotebookClient(
+        notebook, timeout=600, kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}}).execute()
 
     text = "\n".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                      for output in cell.get("outputs", []))

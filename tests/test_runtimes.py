@@ -11,12 +11,12 @@ import tensorflow as tf
 
 import alexnet_tf
 from alexnet_tf import preprocessing, serving
-from tests.helpers import photo_framings, recentre_classifier
+from tests.helpers import photo_framings, recentre_classifier, require
 
 # The bench extra (pip install -e '.[bench]'), which the test extra installs.
-openvino = pytest.importorskip("openvino", reason="needs the bench extra")
-onnxruntime = pytest.importorskip("onnxruntime", reason="needs the bench extra")
-pytest.importorskip("tf2onnx", reason="needs the bench extra")
+openvino = require("openvino")
+onnxruntime = require("onnxruntime")
+require("tf2onnx")
 
 pytestmark = pytest.mark.slow
 

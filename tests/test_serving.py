@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import alexnet_tf
 from alexnet_tf import preprocessing, serving
-from tests.helpers import (ROOT, assert_one_line_error, encode, jpeg_bomb, run_measured,
+from tests.helpers import (ROOT, assert_one_line_error, encode, jpeg_bomb, require, run_measured,
                            smooth_image)
 
 CONFIG = preprocessing.PreprocessConfig(image_size=32, resize_size=36)
@@ -56,6 +56,7 @@ def test_first_version_is_1_and_next_is_2(exported, model):
     assert serving.next_version(os.path.dirname(path)) == 2
 
 
+@pytest.mark.onednn
 def test_serving_default_matches_keras_on_real_jpeg_bytes(exported, model):
     _, loaded = exported
     data = jpegs()
@@ -93,6 +94,7 @@ def test_export_holds_each_weight_once(exported, model):
     assert weight_bytes <= stored <= 1.1 * weight_bytes
 
 
+@pytest.mark.onednn
 def test_predict_images_matches_keras_on_decoded_pixels(exported, model):
     _, loaded = exported
     encoded = jpegs(1)[0]
@@ -185,7 +187,7 @@ def test_saved_model_cli_lists_both_signatures(exported):
 
 
 def test_predict_request_proto_matches_the_signature(exported, model):
-    predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
+    predict_pb2 = require("tensorflow_serving.apis.predict_pb2")
     path, loaded = exported
     data = jpegs(2)
     request = predict_pb2.PredictRequest()

@@ -24,6 +24,7 @@ from tests.helpers import (ROOT, assert_one_line_error, history, pixel_eigenvalu
                            settled_inputs, tiny_config, tiny_idx, write_folder_tree)
 
 
+@pytest.mark.onednn
 def test_one_device_end_to_end(tmp_path):
     workdir = str(tmp_path / "run")
     results = training.train_and_evaluate(tiny_config(tmp_path, epochs=2), workdir)
@@ -41,6 +42,7 @@ def test_one_device_end_to_end(tmp_path):
     assert int(model.optimizer.iterations) == 4
 
 
+@pytest.mark.onednn
 def test_ten_crop_metrics_are_the_average_over_the_ten_views(tmp_path):
     config = tiny_config(tmp_path, ten_crop_eval=True)
     results = training.train_and_evaluate(config, str(tmp_path / "run"))
@@ -129,6 +131,7 @@ def test_steps_per_call_are_checked_against_the_epoch_and_the_replicas(tmp_path)
     assert training.step_settings(config, tf.distribute.get_strategy(), 10)[1] == 2
 
 
+@pytest.mark.onednn
 def test_several_steps_per_call_train_every_step_and_keep_the_schedule(tmp_path):
     # 4 epochs of 6 steps in calls of 3: the step count and the cosine schedule's learning
     # rate are those of 24 steps, whatever the call size.

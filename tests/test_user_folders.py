@@ -15,7 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from alexnet_tf import backup as backup_lib
-from alexnet_tf import data, scans, sources, train_config, training
+from alexnet_tf import data, inputs, scans, sources, train_config, training
 from alexnet_tf.preprocessing import PreprocessConfig
 from tests.helpers import (ROOT, assert_one_line_error, encode, pixel_eigenvalues, run_train,
                            settled_inputs, smooth_image, tiny_config, write_folder_tree)
@@ -124,7 +124,54 @@ def test_a_validation_split_of_only_broken_files_stops_before_training(tmp_path)
     message = str(error.value)
     assert "the validation split has 0 readable image(s) of 3 file(s)" in message
     assert "skipped: 3 not a whole JPEG or PNG file" in message and "\n" not in message
+    assert message.endswith(f"; this folder holds out about 10% of its files, chosen by name, "
+                            f"for validation: add images, or choose the validation images with "
+                            f"{root}/train/<class>/ and {root}/val/<class>/ sub-folders")
     assert not os.path.exists(tmp_path / "run" / "backup")  # nothing was trained
+
+
+def small_folder_with_broken_files(root):
+    """8 photographs per class, all of them named into the training split, and 3 broken files,
+    one of them the validation split's only file."""
+    for c, name in enumerate(("cat", "dog")):
+        for i, file in enumerate(names("train", 8, name.encode())):
+            write(root / name, file, photo(10 * c + i))
+    write(root / "cat", names("train", 9, b"cat")[8], b"")
+    write(root / "dog", names("train", 9, b"dog")[8], b"text, named as a photo")
+    write(root / "dog", names("validation", 1, b"dog")[0], photo(1)[:300])
+    return f"folder:{root}"
+
+
+def test_a_small_folder_says_how_to_get_validation_images(tmp_path):
+    root = tmp_path / "photos"
+    config = tiny_config(tmp_path, dataset=small_folder_with_broken_files(root), batch_size=4,
+                         eval_steps=None)
+    with pytest.raises(sources.DataError) as error:
+        training.train_and_evaluate(config, str(tmp_path / "run"))
+    assert str(error.value) == (
+        f"folder:{root}: the validation split has 0 readable image(s) of 1 file(s), fewer than "
+        f"the 1 that validation needs; skipped: 1 not a whole JPEG or PNG file; this folder holds "
+        f"out about 10% of its files, chosen by name, for validation: add images, or choose the "
+        f"validation images with {root}/train/<class>/ and {root}/val/<class>/ sub-folders")
+    # The way out it names works: the same files in train/ and val/ sub-folders.
+    for name in ("cat", "dog"):
+        os.renames(root / name, root / "train" / name)
+        good = names("train", 1, name.encode())[0].decode()
+        os.renames(root / "train" / name / good, root / "val" / name / good)
+    source = sources.Source(f"folder:{root}")
+    inputs.check_splits(config, source)
+    assert source.info("validation").num_examples == 2
+
+
+@pytest.mark.slow
+def test_a_small_folder_is_one_line_naming_the_way_out(tmp_path):
+    root = tmp_path / "photos"
+    result = run_train([f"--dataset={small_folder_with_broken_files(root)}", "--variant=cifar",
+                        "--lrn=tf_cifar10", "--init=keras", "--batch_size=4", "--epochs=1",
+                        "--steps_per_epoch=2", f"--workdir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert_one_line_error(result, "train.py", "the validation split has 0 readable image(s) of "
+                          "1 file(s)", "for validation: add images, or choose the validation "
+                          f"images with {root}/train/<class>/ and {root}/val/<class>/ sub-folders")
 
 
 def test_eval_steps_beyond_the_validation_split_are_refused_before_training(tmp_path):
@@ -132,7 +179,7 @@ def test_eval_steps_beyond_the_validation_split_are_refused_before_training(tmp_
     config = tiny_config(tmp_path, dataset=source, batch_size=4, eval_steps=2)
     with pytest.raises(sources.DataError, match=r"the validation split has 4 readable "
                        r"image\(s\) of 4 file\(s\), fewer than the 5 that --eval_steps=2 at "
-                       r"--batch_size=4"):
+                       r"--batch_size=4.*, or use a smaller --eval_steps$"):
         training.train_and_evaluate(config, str(tmp_path / "run"))
 
 
@@ -140,7 +187,9 @@ def test_too_few_readable_training_images_for_one_batch_are_refused(tmp_path):
     source = photo_folder(tmp_path / "photos", per_class=3, validation=1)  # 4 training images
     config = tiny_config(tmp_path, dataset=source, batch_size=8)
     with pytest.raises(sources.DataError, match=r"the train split has 4 readable image\(s\) of 4 "
-                       r"file\(s\), fewer than the 8 that one training batch \(--batch_size=8\)"):
+                       r"file\(s\), fewer than the 8 that one training batch \(--batch_size=8\) "
+                       r"needs; .*add readable images to the train split, or use a smaller "
+                       r"--batch_size$"):
         training.train_and_evaluate(config, str(tmp_path / "run"))
 
 
@@ -328,4 +377,5 @@ def test_every_broken_kind_of_file_through_every_command(tmp_path):
     result = run_train([f"--dataset=folder:{photos}", *tiny, budget, "--eval_steps=3",
                         f"--workdir={tmp_path / 'too_few'}"], cwd=tmp_path)
     assert_one_line_error(result, "train.py", "the validation split has 4 readable image(s) "
-                          "of 5 file(s), fewer than the 9 that --eval_steps=3 at --batch_size=4")
+                          "of 5 file(s), fewer than the 9 that --eval_steps=3 at --batch_size=4",
+                          "or use a smaller --eval_steps")

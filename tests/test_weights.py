@@ -10,9 +10,9 @@ import pytest
 from alexnet_tf import preprocessing, training, weights
 from alexnet_tf.model import AlexNet
 from tests.helpers import smooth_image, write_folder_tree
-from tests.helpers import run_train, tiny_config, tiny_idx
+from tests.helpers import require, run_train, tiny_config, tiny_idx
 
-torch = pytest.importorskip("torch")  # a test-only dependency (extra "test")
+torch = require("torch")  # a test-only dependency (extra "test")
 from tests import torch_reference  # noqa: E402  (imports torch)
 
 
