@@ -6,11 +6,16 @@ same model's steps alone, on the same batch size and data, on this machine.
 
 bare      the run's model (training.create_model: its optimizer, weight decay, input stage, XLA
           and steps per call as train.py decides them) trained by fit() on one batch of the
-          training split's uint8 crops, repeated from memory: no input pipeline, no callbacks;
-          timed after its first call, as train.py's epochs are
-train.py  the README recipe (configs/fashion_mnist.cfg) for --epochs epochs of --steps steps in a
-          process of its own: its input pipeline, callbacks, backups and validation; the rate of
-          its last epoch as history.csv records it (the epoch's steps after its first call)
+          training split's uint8 crops, repeated from memory: no input pipeline, no validation,
+          no callbacks but the clock
+train.py  the README recipe (configs/fashion_mnist.cfg) in a process of its own: its input
+          pipeline, callbacks, backups and validation
+
+Both run --epochs epochs of --steps steps, and both are timed alike, at the same point of their
+run: the last epoch's steps after its first call, by train.py's own epoch clock (EpochReport,
+which history.csv records). A rate taken in a process's first seconds reads several percent
+above the same steps later on this kind of machine, so a bare rate from a shorter run would
+not be the same measurement.
 
 Rounds alternate the two (the machine's speed drifts); the medians and their ratio are printed.
 """
@@ -37,23 +42,26 @@ import sys
 sys.path[:0] = [{ROOT!r}, {os.path.dirname(os.path.abspath(__file__))!r}]
 import train
 from absl import flags
-flags.FLAGS(["train.py", "--flagfile={RECIPE}", "--steps_per_epoch=" + sys.argv[1]])
+flags.FLAGS(["train.py", "--flagfile={RECIPE}", "--steps_per_epoch=" + sys.argv[1],
+             "--epochs=" + sys.argv[2]])
 import train_overhead
 print("BARE", train_overhead.bare_rate(train.config_from_flags()), flush=True)
 """
 
 
 def define_flags():
-    flags.DEFINE_integer("steps", 60, "Steps per epoch of train.py, and timed steps of bare.")
-    flags.DEFINE_integer("epochs", 3, "train.py's epochs (the last is timed).")
+    flags.DEFINE_integer("steps", 60, "Steps per epoch, of both.")
+    flags.DEFINE_integer("epochs", 3, "Epochs of both (the last is timed).")
     flags.DEFINE_integer("rounds", 2, "Rounds of (bare, train.py).")
 
 
 def bare_rate(config):
-    """img/s of the run's model on one repeated batch of its training crops."""
+    """img/s of the run's model on one repeated batch of its training crops: the last of
+    config.epochs epochs of config.steps_per_epoch steps, timed as train.py times its epochs."""
     import tensorflow as tf
 
     from alexnet_tf import inputs as inputs_lib, strategy as strategy_lib, training
+    from alexnet_tf.callbacks import EpochReport
     from alexnet_tf.rundir import RunDir
 
     steps = config.steps_per_epoch
@@ -67,12 +75,10 @@ def bare_rate(config):
     options = tf.data.Options()
     options.autotune.enabled = False
     data = tf.data.Dataset.from_tensors(batch).repeat().with_options(options)
-    # Timed from the end of the first call (tracing) to the end of the last, as EpochReport
-    # times train.py's epochs; calls of model.steps_per_execution steps, as train.py's.
-    per_call = model.steps_per_execution
-    clock = common.step_clock(per_call)
-    model.fit(data, steps_per_epoch=per_call + steps, epochs=1, verbose=0, callbacks=[clock])
-    return steps * config.batch_size / (clock.end - clock.start)
+    clock = EpochReport(config.batch_size, steps, config.epochs, verbose=False)
+    history = model.fit(data, steps_per_epoch=steps, epochs=config.epochs, verbose=0,
+                        callbacks=[clock])
+    return history.history["images_per_sec"][-1]
 
 
 def train_py_rate():
@@ -91,7 +97,7 @@ def main(argv):
     del argv
     bare, full = [], []
     for _ in range(FLAGS.rounds):
-        result = subprocess.run([sys.executable, "-c", BARE, str(FLAGS.steps)],
+        result = subprocess.run([sys.executable, "-c", BARE, str(FLAGS.steps), str(FLAGS.epochs)],
                                 capture_output=True, text=True,
                                 env=dict(os.environ, PYTHONPATH=ROOT))
         line = [x for x in result.stdout.splitlines() if x.startswith("BARE ")]
@@ -99,11 +105,13 @@ def main(argv):
             raise SystemExit(f"bare measurement failed: {result.stderr[-2000:]}")
         bare.append(float(line[0].split()[1]))
         full.append(train_py_rate())
-        print(f"round: bare {bare[-1]:,.0f} img/s, train.py {full[-1]:,.0f} img/s", flush=True)
+        print(f"round: bare {bare[-1]:,.0f} img/s, train.py {full[-1]:,.0f} img/s, "
+              f"ratio {full[-1] / bare[-1]:.3f}", flush=True)
     b, t = statistics.median(bare), statistics.median(full)
-    print(f"{os.path.relpath(RECIPE, ROOT)}, {FLAGS.steps} steps per epoch, medians of "
-          f"{FLAGS.rounds} rounds: bare {b:,.0f} img/s, train.py {t:,.0f} img/s, "
-          f"train.py / bare = {t / b:.2f}")
+    ratio = statistics.median(f / b for f, b in zip(full, bare))
+    print(f"{os.path.relpath(RECIPE, ROOT)}, {FLAGS.epochs} epochs of {FLAGS.steps} steps, "
+          f"medians of {FLAGS.rounds} rounds: bare {b:,.0f} img/s, train.py {t:,.0f} img/s, "
+          f"train.py / bare = {ratio:.2f} (median of the rounds' ratios)")
 
 
 if __name__ == "__main__":
