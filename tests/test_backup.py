@@ -159,6 +159,7 @@ class _SignalAfter(keras.callbacks.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_at_the_next_step_and_stops(tmp_path, signum):
     model, backup, _ = fresh(tmp_path)
@@ -180,6 +181,7 @@ def test_a_signal_saves_at_the_next_step_and_stops(tmp_path, signum):
         np.testing.assert_array_equal(restored, weights)
 
 
+@pytest.mark.onednn
 def test_a_signal_at_an_epochs_last_step_stops_once_the_epoch_has_ended(tmp_path):
     model, backup, _ = fresh(tmp_path)
     x = np.arange(48, dtype=np.float32).reshape(16, 3) / 50
@@ -193,6 +195,7 @@ def test_a_signal_at_an_epochs_last_step_stops_once_the_epoch_has_ended(tmp_path
     assert backup.restore(model) == 1 and backup.resume_step == 0
 
 
+@pytest.mark.onednn
 def test_a_second_signal_while_saving_leaves_a_whole_backup(tmp_path, monkeypatch):
     model, backup, _ = fresh(tmp_path)
     x = np.arange(48, dtype=np.float32).reshape(16, 3) / 50

@@ -458,6 +458,7 @@ class _SignalAfterCalls(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.onednn
 def test_sigterm_mid_epoch_resumes_at_its_step_on_the_same_schedule(tmp_path, monkeypatch):
     """3 epochs of 6 steps, 2 per call, cosine decay: SIGTERM after the 4th call (epoch 2, step
     2) stops the run there; the rerun (3 steps per call: the rest of epoch 2 takes 1) trains
