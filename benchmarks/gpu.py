@@ -20,7 +20,8 @@ saying so, and the others go on:
     run     train.py on that data as a user runs it (XLA and steps per call on auto), its
             steady-state rate (epoch 2) beside the synthetic rate at the same batch; the same
             through MirroredStrategy over two logical GPUs carved from one (the multi-replica
-            path); then export.py
+            path); on a GPU, the paper model's batch of 4,096 on a 2 GB logical GPU, which must
+            end in train.py's one-line out-of-memory error; then export.py
     serve   the export loaded as TF Serving loads it (tests/native/load_saved_model.cc, the C
             API, XLA off): serving_default on real JPEG bytes, batch 1 and 128
 
@@ -314,6 +315,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+# A GPU with 2 GB of memory: the paper model's batch of 4,096 (about 36 GB) cannot fit.
+SMALL_GPU = TWO_LOGICAL_GPUS.replace("memory_limit=30000)] * 2", "memory_limit=2048)]")
+
+
 def _train_py(workdir, name, batch, epochs, steps, extra=(), launcher=None):
     """Runs train.py; (its last epoch's img/s from history.csv, wall seconds) or a failure."""
     run = os.path.join(workdir, name)
@@ -357,6 +362,15 @@ def part_run(workdir):
              "start-up")
     except RuntimeError as e:
         emit("run", "train.py MirroredStrategy", note=f"FAILED: {e}")
+    if gpus:  # a batch that does not fit: one line and exit status 2 (on a CPU: the suite's)
+        try:
+            _train_py(workdir, "run_oom", 4096, 1, 2, ["--variant=paper", "--jit_compile=false"],
+                      launcher=SMALL_GPU)
+            emit("run", "train.py, a batch that does not fit", note="FAILED: it trained")
+        except RuntimeError as e:
+            fits = "out of memory training" in str(e)
+            emit("run", "train.py paper, batch 4,096 on a 2 GB logical GPU",
+                 note=f"{'one line' if fits else 'FAILED'}: {e}")
     if run is None:
         return
     result = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), f"--workdir={run}",
