@@ -38,7 +38,6 @@ def test_each_choice_follows_the_machine(machine, precision, lrn_kernel, dense_k
     assert devices.lrn_implementation(facts) == lrn_kernel
     assert devices.dense_implementation(facts) == dense_kernel
     assert devices.replica_devices(facts, CPUS) == replicas
-    assert devices.decode_device(facts) == "/cpu:0"
     gpu = bool(facts.gpus)
     # XLA and the batches copied ahead: GPUs only; more steps per call on GPUs.
     assert devices.jit_compile(facts) is gpu
@@ -64,15 +63,20 @@ def test_this_machines_facts_are_read_from_its_cpuinfo(tmp_path):
     assert DeviceFacts.of_this_machine(str(tmp_path / "missing")).cpu_flags == frozenset()
 
 
-@pytest.mark.parametrize("machine", ["H100", "CPU with AVX2"])
-def test_the_layers_and_the_policy_take_their_choice_from_the_facts(machine, monkeypatch):
+@pytest.mark.parametrize("machine, fused_lrn, eigen_dense, policy", [
+    ("H100", False, False, "bfloat16"),
+    ("CPU with AVX2", True, True, "none"),
+    ("CPU with AMX", True, True, "bfloat16"),
+])
+def test_the_layers_and_the_policy_take_their_choice_from_the_facts(
+        machine, fused_lrn, eigen_dense, policy, monkeypatch):
     facts = MACHINES[machine]
     monkeypatch.setattr(DeviceFacts, "of_this_machine", classmethod(lambda cls, *a: facts))
     norm = lrn.LocalResponseNormalization.from_preset("paper")
     norm.build((None, 8, 8, 96))
-    assert (norm._fused is not None) == (devices.lrn_implementation(facts) == "fused")
+    assert (norm._fused is not None) is fused_lrn
     dense = layers.Dense(4)
     dense.build((None, 8))
-    assert dense._eigen == (devices.dense_implementation(facts) == "eigen")
-    assert strategy_lib.native_mixed_precision() == devices.mixed_precision(facts)
+    assert dense._eigen is eigen_dense
+    assert strategy_lib.native_mixed_precision() == policy
     keras.config.set_dtype_policy("float32")

@@ -87,6 +87,23 @@ def test_saved_model_holds_standard_ops_only(exported, model):
     assert not [f.signature.name for f in functions if "_XlaMustCompile" in f.attr]
 
 
+def test_the_export_decodes_on_the_cpu_and_leaves_the_model_to_the_server(exported):
+    # TensorFlow has no GPU kernel for PNG: a server with a GPU must still decode on its CPU,
+    # and place the network itself where it likes (on its GPU).
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(exported[0], "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    nodes = [node for function in proto.meta_graphs[0].graph_def.library.function
+             for node in function.node_def]
+    decodes = [node for node in nodes if node.op in ("DecodeImage", "DecodeJpeg", "DecodePng")]
+    convolutions = [node for node in nodes if node.op == "Conv2D"]
+    assert decodes and convolutions
+    assert all(node.device.endswith("CPU:0") for node in decodes)
+    assert not [node.device for node in convolutions if node.device]
+
+
 def test_export_holds_each_weight_once(exported, model):
     variables = os.path.join(exported[0], "variables")
     stored = sum(os.path.getsize(os.path.join(variables, f)) for f in os.listdir(variables))
