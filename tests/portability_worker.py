@@ -5,9 +5,11 @@
 test_portability.py starts it once per oneDNN setting: TensorFlow reads the setting once, at
 start-up, and picks different CPU kernels (and Grappler fusions) with it on and off. Writes
 OUT_DIR/report.json: the oneDNN state TensorFlow reports, each variant's losses, and for the
-paper and cifar runs the export path and serving_default's probabilities on OUT_DIR/images/*.
+paper, one_weird_trick and cifar runs the export path and serving_default's probabilities on
+OUT_DIR/images/*.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -96,6 +98,12 @@ def main(out_dir):
     report["paper"] = train_and_export(
         paper, os.path.join(out_dir, "run_paper"), os.path.join(out_dir, "exports", "paper"),
         [open(p, "rb").read() for p in rgb])
+
+    # The other shipped ImageNet variant (one tower, no LRN) through the same path.
+    report["one_weird_trick"] = train_and_export(
+        dataclasses.replace(paper, variant="one_weird_trick"),
+        os.path.join(out_dir, "run_one_weird_trick"),
+        os.path.join(out_dir, "exports", "one_weird_trick"), [open(p, "rb").read() for p in rgb])
 
     # The small variant on one-channel images, as in the README's main command.
     rng = np.random.default_rng(0)

@@ -4,9 +4,9 @@ loads them.
 TensorFlow turns oneDNN on by default only on some CPUs (Intel with AVX512-VNNI/BF16/AMX), so the
 rest of the suite runs with whichever setting this machine has. Here each setting runs in its own
 process (portability_worker.py): training, evaluation, prediction and export of every variant,
-then the exports of the paper and cifar runs go through tests/native/load_saved_model.cc, a C++
-program that loads them with the C++ SavedModel loader, tag "serve", XLA disabled, as
-tensorflow_model_server does.
+then the exports of the paper, one_weird_trick and cifar runs go through
+tests/native/load_saved_model.cc, a C++ program that loads them with the C++ SavedModel loader,
+tag "serve", XLA disabled, as tensorflow_model_server does.
 """
 
 import json
@@ -79,7 +79,9 @@ def test_native_grouped_conv_trains_with_onednn_and_refuses_to_build_without(wor
         assert "needs TensorFlow's oneDNN CPU kernels" in report["native"]
 
 
-@pytest.mark.parametrize("variant, images", [("paper", "rgb_images"), ("cifar", "gray_images")])
+@pytest.mark.parametrize("variant, images", [("paper", "rgb_images"),
+                                             ("one_weird_trick", "rgb_images"),
+                                             ("cifar", "gray_images")])
 def test_c_api_loader_serves_what_python_serves(worker, loader, variant, images):
     onednn, report = worker
     run = report[variant]
