@@ -81,8 +81,11 @@ def _photos(info, config):
 
 
 def source_of(config):
-    """The run's one Source of --dataset."""
-    return sources.saved_source(dataclasses.asdict(config))
+    """The run's one Source: --dataset, read with the settings of `config` (a TrainConfig) that
+    say how."""
+    return sources.Source(config.dataset, data_dir=config.data_dir,
+                          num_classes=config.num_classes,
+                          one_based_labels=config.one_based_labels)
 
 
 def check_splits(config, source):
@@ -154,6 +157,6 @@ def prepare_inputs(config, run, source=None):
     class_names = sources.class_names_for(info.class_names, num_classes)
     pre.to_json(run.preprocessing)
     config.to_json(run.config)
-    with open(run.dataset, "w") as f:
+    with open(run.dataset_file, "w") as f:
         json.dump({"source": config.dataset, "class_names": class_names}, f, indent=2)
     return Inputs(config, source, num_classes, class_names, pre)

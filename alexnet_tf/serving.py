@@ -150,17 +150,12 @@ def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
 
 def load_run(workdir, checkpoint="best"):
     """(model, class_names, PreprocessConfig) of a training workdir."""
-    import json
-
     run = RunDir(workdir)
     try:
         model = keras.models.load_model(run.existing(run.checkpoint(checkpoint)))
-        with open(run.existing(run.dataset)) as f:
-            class_names = json.load(f)["class_names"]
-        config = preprocessing.PreprocessConfig.from_json(run.existing(run.preprocessing))
+        return model, run.class_names(), run.preprocess()
     except RunDirError as e:
         raise ExportError(str(e)) from None
-    return model, class_names, config
 
 
 def write_version(export_dir, write, version=None, overwrite=False):

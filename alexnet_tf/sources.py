@@ -223,15 +223,6 @@ def as_source(source, **source_args):
     return source if isinstance(source, Source) else Source(source, **source_args)
 
 
-def saved_source(settings):
-    """The Source of a run's settings (`settings`: config.json's dict, or
-    `dataclasses.asdict` of a TrainConfig): what the run, its pictures and its int8
-    calibration read its data with."""
-    return Source(settings["dataset"], data_dir=settings.get("data_dir"),
-                  num_classes=settings.get("num_classes"),
-                  one_based_labels=settings.get("one_based_labels", False))
-
-
 # --------------------------------------------------------------------------------------------
 # The readers of each kind. Each returns (DatasetInfo, items), where items(training, seed,
 # input_context) makes the split's items afresh from what the reader found: records for IDX and

@@ -158,6 +158,18 @@ class TrainConfig:
         with open(path, "w") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
 
+    @classmethod
+    def from_json(cls, path):
+        """The TrainConfig `to_json` wrote: settings the file lacks take their defaults, and
+        settings it has that this version does not know are left out. OSError or ValueError
+        when it cannot be read."""
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object of settings")
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in saved.items() if name in names})
+
 
 # What a resumed run must share with the run it resumes: these settings shape the model, its
 # optimizer's state (saved with the weights) or the data, whose preprocessing the run keeps.

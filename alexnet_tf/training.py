@@ -117,12 +117,11 @@ def check_resumable(config, run):
     if config.start_over or not os.path.exists(run.config):
         return
     try:
-        with open(run.config) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
+        saved = run.train_config()
+    except (OSError, ValueError, TypeError) as e:
         raise TrainingError(f"cannot resume: {run.config} is unreadable ({e})") from None
-    differ = [f"--{name}={getattr(config, name)} (the run has {saved[name]})"
-              for name in RESUME_SETTINGS if name in saved and saved[name] != getattr(config, name)]
+    differ = [f"--{name}={getattr(config, name)} (the run has {getattr(saved, name)})"
+              for name in RESUME_SETTINGS if getattr(saved, name) != getattr(config, name)]
     if differ:
         raise TrainingError(
             f"cannot resume {run.path} with other settings: {', '.join(differ)}; give another "
