@@ -2,7 +2,9 @@
 flips and PCA lighting; eval and 10-crop. (Reading encoded bytes: image_bytes; the Keras layers:
 preprocessing_layers; eigen-pairs of a user's data: pca.)
 
-Every op takes one image (or encoded bytes) and works both eagerly and inside `tf.data.map`.
+The ops take one image (or its encoded bytes), except those that take a batch: the `*_batch`
+ops and `eval_images` [B, H, W, C], and `prepared_random_crops` [B] encoded JPEGs (`normalize`,
+`denormalize` and `to_uint8` take either). All work both eagerly and inside `tf.data` maps.
 Images are float32 in [0, 255] until `normalize`. The evaluation functions here are the ones the
 exported serving signatures call, so training and serving cannot drift apart.
 """

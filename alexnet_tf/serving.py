@@ -2,7 +2,8 @@
 
 The signatures run the input pipeline's own evaluation functions (`preprocessing.eval_image`,
 its batch form `eval_images` for `predict_images`, `preprocessing.ten_crop`), so a served model
-sees exactly what evaluation saw.
+sees the views evaluation saw, cut and resized alike; training's evaluation rounds them to uint8
+before normalising (`data.make_dataset` hands the device uint8 crops), the signatures do not.
 """
 
 import os
