@@ -19,14 +19,13 @@ import keras
 import tensorflow as tf
 
 from alexnet_tf import data, serving
+from alexnet_tf.flag_facts import CALIBRATION_IMAGES, MODEL_FILES, quantize_mistake
 from alexnet_tf.layers import standard_ops
 from alexnet_tf.rundir import RunDir, RunDirError
 
-MODEL_FILES = {"litert": "model.tflite", "onnx": "model.onnx", "openvino": "model.xml"}
 # The modules each conversion imports (LiteRT's converter is TensorFlow's own); the export extra
 # installs them.
 CONVERTERS = {"litert": (), "onnx": ("tf2onnx", "onnx"), "openvino": ("openvino",)}
-CALIBRATION_IMAGES = 300
 
 
 def check_converters(fmt):
@@ -127,8 +126,9 @@ def export(model, export_dir, class_names, config, fmt, quantize="none", calibra
     path."""
     if fmt not in MODEL_FILES:
         raise serving.ExportError(f"unknown format {fmt!r}; choose one of {sorted(MODEL_FILES)}")
-    if quantize != "none" and fmt != "litert":
-        raise serving.ExportError(f"--quantize={quantize} is for --format=litert")
+    mistake = quantize_mistake(fmt, quantize)
+    if mistake:
+        raise serving.ExportError(mistake)
     if len(class_names) != model.output_shape[-1]:
         raise serving.ExportError(
             f"{len(class_names)} class names for a model with {model.output_shape[-1]} outputs")

@@ -7,7 +7,7 @@ import os
 
 from absl import logging
 
-from alexnet_tf import data, model as model_lib, pca, preprocessing, scans, sources, weights
+from alexnet_tf import data, flag_facts, pca, preprocessing, scans, sources, weights
 from alexnet_tf.train_config import TrainConfig, TrainingError
 
 PCA_SAMPLE = 1000  # training images whose pixels give --pca=dataset's eigen-pairs
@@ -64,7 +64,7 @@ def _small_images(info, config):
 
 def _photos(info, config):
     """Photos: the paper's cuts at the variant's size, ImageNet's mean subtracted."""
-    size = config.image_size or model_lib.DEFAULT_IMAGE_SIZE[config.variant]
+    size = config.image_size or flag_facts.DEFAULT_IMAGE_SIZE[config.variant]
     resize_size = preprocessing.resize_size_for(size)
     if info.prepared is not None:
         # Crops are cut at the stored scale: the shorter side is already the resize_size.
@@ -149,7 +149,7 @@ def prepare_inputs(config, run, source=None):
     info = source.info("train")
     num_classes = config.num_classes or info.num_classes
     pre = preprocess_config(info, config, source, saved=run.preprocessing)
-    least = model_lib.MIN_IMAGE_SIZE[config.variant]
+    least = flag_facts.MIN_IMAGE_SIZE[config.variant]
     if pre.image_size < least:
         raise TrainingError(
             f"image_size {pre.image_size} is too small for variant {config.variant!r} "

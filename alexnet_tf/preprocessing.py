@@ -14,6 +14,7 @@ import json
 
 import tensorflow as tf
 
+from alexnet_tf.flag_facts import CROP_SCHEMES, MAX_PIXELS
 from alexnet_tf.image_bytes import decode, is_encoded
 
 # Per-channel statistics in [0, 255] that models are trained with; every one of them lives here.
@@ -37,16 +38,6 @@ IMAGENET_EIGVEC = (
     (-0.5836, -0.6948, 0.4203),
 )
 PCA_ALPHA_STD = 0.1  # paper §4.1: "Gaussian with mean zero and standard deviation 0.1"
-# The training crops, each cut by its function (random_crop). The photo crops are what train.py's
-# --crop chooses from; "pad" is the one for small images.
-CROP_SCHEMES = ("paper", "inception", "pad")
-PHOTO_CROP_SCHEMES = CROP_SCHEMES[:2]
-# The most pixels an image may declare in its header for the pipelines and the exported
-# signatures to decode it. Decoding allocates height x width x channels bytes and the float32
-# copy four times that: about 0.6 GB at the limit. 40 MP (7,300 x 5,500) is beyond the photographs
-# of most phones and cameras, and the models see 227-pixel crops; what is larger is a
-# decompression bomb (a few-KB PNG can declare 50,000 x 50,000) or should be scaled down first.
-MAX_PIXELS = 40_000_000
 
 
 @dataclasses.dataclass(frozen=True)
