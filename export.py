@@ -16,7 +16,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-# Here, not from alexnet_tf.formats: flags are parsed before TensorFlow is imported.
+# alexnet_tf.flag_facts' formats, quantizations, calibration size and pixel budget, spelled out
+# here because importing the package starts TensorFlow, and these flags parse (and --help
+# answers) before it starts; tests/test_formats.py and tests/test_cli.py check they match.
 FORMATS = ("saved_model", "litert", "onnx", "openvino")
 
 flags.DEFINE_string("workdir", None, "Training run directory (train.py's --workdir).", required=True)
@@ -50,6 +52,8 @@ _INT8_ONLY = ("calibration_images", "int8_io")
 
 def _format_flags_mistake():
     """What is wrong with the flags of one format given with another, or None."""
+    from alexnet_tf.flag_facts import quantize_mistake
+
     fmt, quantize = FLAGS.format, FLAGS.quantize
     for name in _SAVED_MODEL_ONLY + _INT8_ONLY:
         if not FLAGS[name].present:
@@ -58,9 +62,7 @@ def _format_flags_mistake():
             return f"--{name} is for --format=saved_model, not {fmt}"
         if name in _INT8_ONLY and quantize != "int8":
             return f"--{name} is for --quantize=int8, not {quantize}"
-    if quantize != "none" and fmt != "litert":
-        return f"--quantize={quantize} is for --format=litert, not {fmt}"
-    return None
+    return quantize_mistake(fmt, quantize)
 
 
 def _export_other_format(model, class_names, config):

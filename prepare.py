@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from alexnet_tf import cli, prepare, preprocessing, sources  # noqa: E402
+from alexnet_tf import cli, flag_facts, prepare, sources  # noqa: E402
 
 flags.DEFINE_string("dataset", None, "A photo source as train.py takes it: folder:<path>, "
                     "tfds:<name> or tfrecord:<glob>.", required=True)
@@ -27,7 +27,7 @@ flags.DEFINE_bool("keep_frame", False, "Keep the whole frame (shorter side 256) 
                   "paper's central 256 x 256 square.")
 flags.DEFINE_integer("records_per_shard", prepare.RECORDS_PER_SHARD, "Records per TFRecord shard.",
                      lower_bound=1)
-flags.DEFINE_integer("max_pixels", preprocessing.MAX_PIXELS, "Source images whose header declares "
+flags.DEFINE_integer("max_pixels", flag_facts.MAX_PIXELS, "Source images whose header declares "
                      "more pixels are skipped (and listed in dataset.json).", lower_bound=1)
 flags.DEFINE_integer("num_classes", None, "Classes of a tfrecord: source.")
 flags.DEFINE_bool("one_based_labels", False, "A tfrecord: source's labels start at 1.")

@@ -13,21 +13,19 @@ mean and std).
 """
 
 import importlib.util
-import json
 import os
 
 import keras
 import tensorflow as tf
 
-from alexnet_tf import data, scans, serving, sources
+from alexnet_tf import data, serving
+from alexnet_tf.flag_facts import CALIBRATION_IMAGES, MODEL_FILES, quantize_mistake
 from alexnet_tf.layers import standard_ops
 from alexnet_tf.rundir import RunDir, RunDirError
 
-MODEL_FILES = {"litert": "model.tflite", "onnx": "model.onnx", "openvino": "model.xml"}
 # The modules each conversion imports (LiteRT's converter is TensorFlow's own); the export extra
 # installs them.
 CONVERTERS = {"litert": (), "onnx": ("tf2onnx", "onnx"), "openvino": ("openvino",)}
-CALIBRATION_IMAGES = 300
 
 
 def check_converters(fmt):
@@ -112,16 +110,11 @@ def calibration_images(workdir, config, count=CALIBRATION_IMAGES):
     """Up to `count` of a run's training images as the model sees them in evaluation (the centre
     view of `preprocessing.eval_image`): float32 [K, S, S, C]. A class-folder tree is read in a
     fixed pseudo-random order, so that the sample holds every class."""
-    run = RunDir(workdir)
     try:
-        with open(run.existing(run.config)) as f:
-            settings = json.load(f)
+        dataset, _ = RunDir(workdir).dataset("train", False, count, data.Options(order_seed=0),
+                                             "int8 calibration", preprocess=config)
     except RunDirError as e:
         raise serving.ExportError(str(e)) from None
-    source = sources.saved_source(settings)
-    scans.check_split(source, "train", 1, "int8 calibration", config.max_pixels)
-    dataset, _ = data.make_dataset(source, "train", False, count, config,
-                                   data.Options(order_seed=0))
     images, _ = next(iter(data.on_host(dataset, config, training=False)))
     return images.numpy()
 
@@ -133,8 +126,9 @@ def export(model, export_dir, class_names, config, fmt, quantize="none", calibra
     path."""
     if fmt not in MODEL_FILES:
         raise serving.ExportError(f"unknown format {fmt!r}; choose one of {sorted(MODEL_FILES)}")
-    if quantize != "none" and fmt != "litert":
-        raise serving.ExportError(f"--quantize={quantize} is for --format=litert")
+    mistake = quantize_mistake(fmt, quantize)
+    if mistake:
+        raise serving.ExportError(mistake)
     if len(class_names) != model.output_shape[-1]:
         raise serving.ExportError(
             f"{len(class_names)} class names for a model with {model.output_shape[-1]} outputs")

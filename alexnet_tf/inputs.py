@@ -7,7 +7,7 @@ import os
 
 from absl import logging
 
-from alexnet_tf import data, model as model_lib, pca, preprocessing, scans, sources, weights
+from alexnet_tf import data, flag_facts, pca, preprocessing, scans, sources, weights
 from alexnet_tf.train_config import TrainConfig, TrainingError
 
 PCA_SAMPLE = 1000  # training images whose pixels give --pca=dataset's eigen-pairs
@@ -64,7 +64,7 @@ def _small_images(info, config):
 
 def _photos(info, config):
     """Photos: the paper's cuts at the variant's size, ImageNet's mean subtracted."""
-    size = config.image_size or model_lib.DEFAULT_IMAGE_SIZE[config.variant]
+    size = config.image_size or flag_facts.DEFAULT_IMAGE_SIZE[config.variant]
     resize_size = preprocessing.resize_size_for(size)
     if info.prepared is not None:
         # Crops are cut at the stored scale: the shorter side is already the resize_size.
@@ -81,8 +81,11 @@ def _photos(info, config):
 
 
 def source_of(config):
-    """The run's one Source of --dataset."""
-    return sources.saved_source(dataclasses.asdict(config))
+    """The run's one Source: --dataset, read with the settings of `config` (a TrainConfig) that
+    say how."""
+    return sources.Source(config.dataset, data_dir=config.data_dir,
+                          num_classes=config.num_classes,
+                          one_based_labels=config.one_based_labels)
 
 
 def check_splits(config, source):
@@ -146,7 +149,7 @@ def prepare_inputs(config, run, source=None):
     info = source.info("train")
     num_classes = config.num_classes or info.num_classes
     pre = preprocess_config(info, config, source, saved=run.preprocessing)
-    least = model_lib.MIN_IMAGE_SIZE[config.variant]
+    least = flag_facts.MIN_IMAGE_SIZE[config.variant]
     if pre.image_size < least:
         raise TrainingError(
             f"image_size {pre.image_size} is too small for variant {config.variant!r} "
@@ -154,6 +157,6 @@ def prepare_inputs(config, run, source=None):
     class_names = sources.class_names_for(info.class_names, num_classes)
     pre.to_json(run.preprocessing)
     config.to_json(run.config)
-    with open(run.dataset, "w") as f:
+    with open(run.dataset_file, "w") as f:
         json.dump({"source": config.dataset, "class_names": class_names}, f, indent=2)
     return Inputs(config, source, num_classes, class_names, pre)

@@ -4,19 +4,11 @@ import keras
 import tensorflow as tf
 
 from alexnet_tf import devices
+from alexnet_tf.flag_facts import LRN_PRESETS
 from alexnet_tf.layers import using_standard_ops
 
-# (depth_radius, bias, alpha, beta) for tf.nn.local_response_normalization, which computes
-#   b[..., c] = a[..., c] / (bias + alpha * sum_{c' = c - r}^{c + r} a[..., c']**2) ** beta
-LRN_PRESETS = {
-    # Paper §3.3 as printed: k=2, n=5 (radius 2), alpha=1e-4, beta=0.75.
-    "paper": (2, 2.0, 1e-4, 0.75),
-    # Caffe / cuda-convnet divide alpha by n=5 and Caffe uses k=1; BVLC weights expect this.
-    "caffe": (2, 1.0, 2e-5, 0.75),
-    # The classic TensorFlow CIFAR-10 tutorial model (tensorflow/models cifar10.py, norm1/norm2).
-    "tf_cifar10": (4, 1.0, 0.001 / 9.0, 0.75),
-}
-
+# LRN_PRESETS: (depth_radius, bias, alpha, beta) for tf.nn.local_response_normalization, which
+# computes b[..., c] = a[..., c] / (bias + alpha * sum_{c' = c - r}^{c + r} a[..., c']**2) ** beta
 
 LRN_IMPLEMENTATIONS = ("auto", "fused", "tf")
 

@@ -4,27 +4,10 @@ import keras
 import tensorflow as tf
 
 from alexnet_tf import layers as alexnet_layers
+from alexnet_tf.flag_facts import DEFAULT_IMAGE_SIZE, INITS, VARIANTS
 from alexnet_tf.layers import GroupedConv2D
 from alexnet_tf.lrn import LRN_PRESETS, LocalResponseNormalization
 
-INITS = ("paper", "caffe", "keras")
-
-# Each variant's input side (height = width): the size it was designed for, and the least its
-# layers take (see AlexNet's docstring for the variants).
-VARIANT_SIZES = {
-    # 224 in the paper's text, but 227 is what makes conv1's 55x55 output (Caffe); conv1..pool5
-    # need 67.
-    "paper": (227, 67),
-    "single_tower": (227, 67),
-    # torchvision / cuda-convnet2 pad conv1 by 2 instead; Keras' adaptive pooling cannot
-    # upsample, so pool5 must be at least 6x6.
-    "one_weird_trick": (224, 223),
-    "cifar": (32, 8),  # two 2x poolings
-    "small": (32, 19),  # two VALID 5x5 convolutions and poolings
-}
-VARIANTS = tuple(VARIANT_SIZES)
-DEFAULT_IMAGE_SIZE = {variant: sizes[0] for variant, sizes in VARIANT_SIZES.items()}
-MIN_IMAGE_SIZE = {variant: sizes[1] for variant, sizes in VARIANT_SIZES.items()}
 
 # Paper §5: "We initialized the neuron biases in the second, fourth, and fifth convolutional layers,
 # as well as in the fully-connected hidden layers, with the constant 1 ... remaining layers with 0."

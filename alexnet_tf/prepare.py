@@ -33,7 +33,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from alexnet_tf import guard, pca, preprocessing, source_files, sources
+from alexnet_tf import flag_facts, guard, pca, preprocessing, source_files, sources
 
 RESOLUTION = 256  # paper §2
 # JPEG quality of the prepared images: its error is below the PCA lighting's own shift, and
@@ -307,7 +307,7 @@ def _temporary(output_dir, name):
 
 
 def prepare(source, output_dir, data_dir=None, quality=DEFAULT_QUALITY, keep_frame=False,
-            records_per_shard=RECORDS_PER_SHARD, max_pixels=preprocessing.MAX_PIXELS,
+            records_per_shard=RECORDS_PER_SHARD, max_pixels=flag_facts.MAX_PIXELS,
             num_classes=None, one_based_labels=False, splits=SPLITS, out=sys.stdout):
     """Converts `source` into the paper's 256 x 256 form in `output_dir` (see the module
     docstring) and returns the description it writes to dataset.json.

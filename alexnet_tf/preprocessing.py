@@ -2,7 +2,9 @@
 flips and PCA lighting; eval and 10-crop. (Reading encoded bytes: image_bytes; the Keras layers:
 preprocessing_layers; eigen-pairs of a user's data: pca.)
 
-Every op takes one image (or encoded bytes) and works both eagerly and inside `tf.data.map`.
+The ops take one image (or its encoded bytes), except those that take a batch: the `*_batch`
+ops and `eval_images` [B, H, W, C], and `prepared_random_crops` [B] encoded JPEGs (`normalize`,
+`denormalize` and `to_uint8` take either). All work both eagerly and inside `tf.data` maps.
 Images are float32 in [0, 255] until `normalize`. The evaluation functions here are the ones the
 exported serving signatures call, so training and serving cannot drift apart.
 """
@@ -12,6 +14,7 @@ import json
 
 import tensorflow as tf
 
+from alexnet_tf.flag_facts import CROP_SCHEMES, MAX_PIXELS
 from alexnet_tf.image_bytes import decode, is_encoded
 
 # Per-channel statistics in [0, 255] that models are trained with; every one of them lives here.
@@ -35,16 +38,6 @@ IMAGENET_EIGVEC = (
     (-0.5836, -0.6948, 0.4203),
 )
 PCA_ALPHA_STD = 0.1  # paper §4.1: "Gaussian with mean zero and standard deviation 0.1"
-# The training crops, each cut by its function (random_crop). The photo crops are what train.py's
-# --crop chooses from; "pad" is the one for small images.
-CROP_SCHEMES = ("paper", "inception", "pad")
-PHOTO_CROP_SCHEMES = CROP_SCHEMES[:2]
-# The most pixels an image may declare in its header for the pipelines and the exported
-# signatures to decode it. Decoding allocates height x width x channels bytes and the float32
-# copy four times that: about 0.6 GB at the limit. 40 MP (7,300 x 5,500) is beyond the photographs
-# of most phones and cameras, and the models see 227-pixel crops; what is larger is a
-# decompression bomb (a few-KB PNG can declare 50,000 x 50,000) or should be scaled down first.
-MAX_PIXELS = 40_000_000
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,8 @@
-"""A training run's directory (train.py --workdir): the name of every file in it, in one place.
+"""A training run's directory (train.py --workdir): the name of every file in it, and the one
+way to read what a run recorded (its settings, preprocessing, classes and data).
 
-alexnet_tf.training writes it; alexnet_tf.serving (export.py) and alexnet_tf.visualize read it.
+alexnet_tf.training writes it; alexnet_tf.serving and alexnet_tf.formats (export.py),
+alexnet_tf.visualize and a resumed training run read it through `RunDir`'s methods.
 """
 
 import contextlib
@@ -44,7 +46,7 @@ class RunDir:
         return os.path.join(self.path, *names)
 
     config = property(lambda self: self._file("config.json"))
-    dataset = property(lambda self: self._file("dataset.json"))
+    dataset_file = property(lambda self: self._file("dataset.json"))
     preprocessing = property(lambda self: self._file("preprocessing.json"))
     checkpoints = property(lambda self: self._file("checkpoints"))
     backup = property(lambda self: self._file("backup"))
@@ -77,6 +79,44 @@ class RunDir:
         if not os.path.exists(path):
             raise RunDirError(f"{path} not found: is {self.path} a finished training run?")
         return path
+
+    # -- what the run recorded: each file is read here and nowhere else -----------------------
+
+    def train_config(self):
+        """The run's TrainConfig (config.json)."""
+        from alexnet_tf.train_config import TrainConfig
+
+        return TrainConfig.from_json(self.existing(self.config))
+
+    def preprocess(self):
+        """The run's PreprocessConfig (preprocessing.json): the views its model was trained and
+        evaluated on."""
+        from alexnet_tf.preprocessing import PreprocessConfig
+
+        return PreprocessConfig.from_json(self.existing(self.preprocessing))
+
+    def class_names(self):
+        """The names of the run's classes (dataset.json), class id i at index i."""
+        with open(self.existing(self.dataset_file)) as f:
+            return json.load(f)["class_names"]
+
+    def source(self):
+        """The `sources.Source` the run read its data from."""
+        from alexnet_tf import inputs
+
+        return inputs.source_of(self.train_config())
+
+    def dataset(self, split, training, batch_size, options, what, preprocess=None):
+        """(dataset, skipped-image counter) of one of the run's splits, cut as `preprocess`
+        (default: the run's own) says, once the split is known to hold a readable image
+        (`scans.check_split`; `what` names the use in its error). `options`: a `data.Options`.
+        The uint8 crops of `data.make_dataset`: `data.on_host` finishes them on the host."""
+        from alexnet_tf import data, scans
+
+        preprocess = preprocess or self.preprocess()
+        source = self.source()
+        scans.check_split(source, split, 1, what, preprocess.max_pixels)
+        return data.make_dataset(source, split, training, batch_size, preprocess, options)
 
     @contextlib.contextmanager
     def hold(self):

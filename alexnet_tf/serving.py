@@ -2,7 +2,8 @@
 
 The signatures run the input pipeline's own evaluation functions (`preprocessing.eval_image`,
 its batch form `eval_images` for `predict_images`, `preprocessing.ten_crop`), so a served model
-sees exactly what evaluation saw.
+sees the views evaluation saw, cut and resized alike; training's evaluation rounds them to uint8
+before normalising (`data.make_dataset` hands the device uint8 crops), the signatures do not.
 """
 
 import os
@@ -150,17 +151,12 @@ def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
 
 def load_run(workdir, checkpoint="best"):
     """(model, class_names, PreprocessConfig) of a training workdir."""
-    import json
-
     run = RunDir(workdir)
     try:
         model = keras.models.load_model(run.existing(run.checkpoint(checkpoint)))
-        with open(run.existing(run.dataset)) as f:
-            class_names = json.load(f)["class_names"]
-        config = preprocessing.PreprocessConfig.from_json(run.existing(run.preprocessing))
+        return model, run.class_names(), run.preprocess()
     except RunDirError as e:
         raise ExportError(str(e)) from None
-    return model, class_names, config
 
 
 def write_version(export_dir, write, version=None, overwrite=False):

@@ -1,6 +1,6 @@
 """Data sources: what a dataset holds and the records of each of its splits, read once per run.
 
-A source is named by a string that fits in a flag (`KINDS` holds the kinds):
+A source is named by a string that fits in a flag (`flag_facts.SOURCE_KINDS` holds the kinds):
     tfds:<name>          any TFDS image-classification dataset (imagenet2012 needs a manual dir)
     tfrecord:<glob>      ImageNet-style shards (image/encoded, image/class/label); a "{split}" in
                          the glob is replaced by the split name (train, validation)
@@ -25,21 +25,11 @@ import tensorflow as tf
 from absl import logging
 
 from alexnet_tf import guard, preprocessing
+from alexnet_tf.flag_facts import SOURCE_KINDS, SOURCE_KINDS_HELP
 from alexnet_tf.source_files import (DataError, held_out_way_out, in_validation_split,
                                      list_class_folders, parse_examples, printable, read_idx,
                                      read_prepared)
 
-# Each kind of source string: what follows its colon, and whether it must be given.
-KINDS = {
-    "tfds": ("<name>", True),
-    "tfrecord": ("<glob>", True),
-    "folder": ("<path>", True),
-    "prepared": ("<dir>", True),
-    "fashion_mnist": ("[:<dir>]", False),
-    "mnist": ("[:<dir>]", False),
-}
-KINDS_HELP = " | ".join(f"{kind}:{arg}" if required else f"{kind}{arg}"
-                        for kind, (arg, required) in KINDS.items())
 IDX_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -129,9 +119,9 @@ def class_names_for(names, num_classes):
 def parse_source(source):
     """Splits "kind:arg" and validates the kind; returns (kind, arg or None)."""
     kind, _, arg = source.partition(":")
-    if kind not in KINDS:
-        raise DataError(f"unknown dataset {source!r}: use {KINDS_HELP}")
-    if KINDS[kind][1] and not arg:
+    if kind not in SOURCE_KINDS:
+        raise DataError(f"unknown dataset {source!r}: use {SOURCE_KINDS_HELP}")
+    if SOURCE_KINDS[kind][1] and not arg:
         raise DataError(f"dataset {source!r} needs a value after '{kind}:'")
     return kind, arg or None
 
@@ -221,15 +211,6 @@ class Source:
 def as_source(source, **source_args):
     """`source` itself when it is a Source, else the Source of that string."""
     return source if isinstance(source, Source) else Source(source, **source_args)
-
-
-def saved_source(settings):
-    """The Source of a run's settings (`settings`: config.json's dict, or
-    `dataclasses.asdict` of a TrainConfig): what the run, its pictures and its int8
-    calibration read its data with."""
-    return Source(settings["dataset"], data_dir=settings.get("data_dir"),
-                  num_classes=settings.get("num_classes"),
-                  one_based_labels=settings.get("one_based_labels", False))
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import json
 import os
 import re
 
-from alexnet_tf import model as model_lib, preprocessing, sources, weights
-from alexnet_tf.lrn import LRN_PRESETS
+from alexnet_tf.flag_facts import (DEFAULT_IMAGE_SIZE, INITS, LRN_PRESETS, MAX_PIXELS,
+                                   PHOTO_CROP_SCHEMES, SOURCE_KINDS_HELP, VARIANTS)
 
 
 def _setting(default, help_text, choices=None):
@@ -26,18 +26,18 @@ class TrainConfig:
     # Each setting: its default, what it does (train.py's flag help) and, for a choice, the
     # values it takes (train.py's flag refuses others, validate() too).
     dataset: str = _setting(
-        "fashion_mnist", f"{sources.KINDS_HELP} (see alexnet_tf.sources).")
+        "fashion_mnist", f"{SOURCE_KINDS_HELP} (see alexnet_tf.sources).")
     data_dir: str | None = _setting(None, "TFDS data directory.")
     variant: str = _setting("paper", "AlexNet variant (see alexnet_tf.AlexNet).",
-                            model_lib.VARIANTS)
+                            VARIANTS)
     num_classes: int | None = _setting(None, "Classes of fc8; default: the dataset's.")
     image_size: int | None = _setting(
         None, "Crop size fed to the model; default: the variant's ("
-        + ", ".join(f"{v} {size}" for v, size in model_lib.DEFAULT_IMAGE_SIZE.items())
+        + ", ".join(f"{v} {size}" for v, size in DEFAULT_IMAGE_SIZE.items())
         + "), or the images' own for small images such as MNIST's 28.")
     lrn: str = _setting("paper", "LRN preset, or none.", (*LRN_PRESETS, "none"))
     init: str = _setting("paper", "Weight initialisation (paper §5, BVLC Caffe, Keras defaults).",
-                         model_lib.INITS)
+                         INITS)
     dropout: float = _setting(0.5, "Dropout rate of fc6/fc7 (paper §4.2).")
     batch_size: int = _setting(128, "Global batch size, split across replicas (paper §5).")
     epochs: int = _setting(90, "Training epochs (paper §5: roughly 90).")
@@ -64,7 +64,7 @@ class TrainConfig:
     scale_lr_batch: int | None = _setting(
         None, "Scale the learning rate by batch_size / this (linear scaling rule).")
     crop: str = _setting("paper", "Training crop for photos; small images are always padded and "
-                         "cropped.", preprocessing.PHOTO_CROP_SCHEMES)
+                         "cropped.", PHOTO_CROP_SCHEMES)
     pad: int | None = _setting(
         None, "Small images: zero padding of the random crop (default image_size // 8; 0: no "
         "crop).")
@@ -72,7 +72,7 @@ class TrainConfig:
                         "(prepared: sources: all of its pixels, from prepare.py; others: 1,000 "
                         "images), or no lighting.", ("imagenet", "dataset", "none"))
     max_pixels: int = _setting(
-        preprocessing.MAX_PIXELS, "Encoded images whose header declares more pixels are skipped "
+        MAX_PIXELS, "Encoded images whose header declares more pixels are skipped "
         "and counted, not decoded (decompression bombs); export.py's default budget.")
     cache: bool = _setting(False, "Cache decoded records in memory (small datasets).")
     data_service: str | None = _setting(
@@ -120,6 +120,9 @@ class TrainConfig:
         "trust).")
 
     def validate(self):
+        """TrainingError (one line) for a setting out of its range or choices: the checks that
+        read the settings alone. `training.check_weights_and_source` makes the two that need
+        TensorFlow (the weights of --init_from, the kind of --dataset) at the start of a run."""
         checks = [
             (getattr(self, field.name) in field.metadata["choices"],
              f"unknown {field.name} {getattr(self, field.name)!r}; choose one of "
@@ -147,16 +150,22 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainingError(message)
-        if self.init_from:
-            try:
-                weights.check_fits(self.init_from, self.variant, self.lrn)
-            except weights.WeightsError as e:
-                raise TrainingError(str(e)) from None
-        sources.parse_source(self.dataset)
 
     def to_json(self, path):
         with open(path, "w") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
+
+    @classmethod
+    def from_json(cls, path):
+        """The TrainConfig `to_json` wrote: settings the file lacks take their defaults, and
+        settings it has that this version does not know are left out. OSError or ValueError
+        when it cannot be read."""
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object of settings")
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in saved.items() if name in names})
 
 
 # What a resumed run must share with the run it resumes: these settings shape the model, its

@@ -20,7 +20,8 @@ from absl import logging
 
 from alexnet_tf import backup as backup_lib, devices
 from alexnet_tf import inputs as inputs_lib, keras_compat, layers, model as model_lib
-from alexnet_tf import preprocessing, preprocessing_layers, strategy as strategy_lib, weights
+from alexnet_tf import preprocessing, preprocessing_layers, sources, strategy as strategy_lib
+from alexnet_tf import weights
 from alexnet_tf.callbacks import DivideOnPlateau, EpochReport, StopOnNaN
 from alexnet_tf.rundir import RunDir, RunDirInUse
 from alexnet_tf.train_config import RESUME_SETTINGS, TrainingError
@@ -110,6 +111,17 @@ def _validation_runs_out_quietly():
 # The run, step by step
 
 
+def check_weights_and_source(config):
+    """TrainingError or sources.DataError (one line), before anything is read or trained, when
+    the weights of --init_from do not fit the model or --dataset names no kind of source."""
+    if config.init_from:
+        try:
+            weights.check_fits(config.init_from, config.variant, config.lrn)
+        except weights.WeightsError as e:
+            raise TrainingError(str(e)) from None
+    sources.parse_source(config.dataset)
+
+
 def check_resumable(config, run):
     """TrainingError, before anything is read or loaded, when the workdir holds a run whose
     settings of the model or the data (RESUME_SETTINGS) differ from `config`'s: resuming would
@@ -117,12 +129,11 @@ def check_resumable(config, run):
     if config.start_over or not os.path.exists(run.config):
         return
     try:
-        with open(run.config) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
+        saved = run.train_config()
+    except (OSError, ValueError, TypeError) as e:
         raise TrainingError(f"cannot resume: {run.config} is unreadable ({e})") from None
-    differ = [f"--{name}={getattr(config, name)} (the run has {saved[name]})"
-              for name in RESUME_SETTINGS if name in saved and saved[name] != getattr(config, name)]
+    differ = [f"--{name}={getattr(config, name)} (the run has {getattr(saved, name)})"
+              for name in RESUME_SETTINGS if getattr(saved, name) != getattr(config, name)]
     if differ:
         raise TrainingError(
             f"cannot resume {run.path} with other settings: {', '.join(differ)}; give another "
@@ -387,6 +398,7 @@ def train_and_evaluate(config, workdir):
         steps: the optimizer's steps in all, train_seconds).
     """
     config.validate()
+    check_weights_and_source(config)
     check_resumable(config, RunDir(workdir))
     strategy = strategy_lib.set_up_process(config)
     chief = strategy_lib.is_chief(strategy)

@@ -9,7 +9,6 @@ Each writes `<workdir>/<command>.png` (or --output) and prints the path. The fun
 """
 
 import csv
-import json
 import os
 
 import numpy as np
@@ -155,10 +154,13 @@ def draw(command, workdir, output=None, checkpoint="best", count=32):
     if command == "curves":
         return plot_curves(read_history(workdir), output)
 
-    from alexnet_tf import data, preprocessing, scans, sources
+    from alexnet_tf import data
 
     run = RunDir(workdir)
-    pre = preprocessing.PreprocessConfig.from_json(_existing(run, run.preprocessing))
+    try:
+        pre = run.preprocess()
+    except RunDirError as e:
+        raise VisualizeError(str(e)) from None
     if command == "filters":
         import keras
 
@@ -168,14 +170,14 @@ def draw(command, workdir, output=None, checkpoint="best", count=32):
         groups = 2 if model.get_layer("conv2").groups == 2 else 1
         return write_png(filter_grid(model.get_layer("conv1").kernel.numpy(), groups), output)
 
-    with open(_existing(run, run.config)) as f:
-        config = json.load(f)
-    source = sources.saved_source(config)
     # Repeated, so that a split of fewer than `count` images still fills the grid, once it is
     # known to hold one.
-    scans.check_split(source, "train", 1, "an augmentations grid", pre.max_pixels)
-    options = data.Options(seed=config.get("seed") or 0, shuffle_buffer=1000, repeat=True)
-    dataset, _ = data.make_dataset(source, "train", True, count, pre, options)
+    try:
+        options = data.Options(seed=run.train_config().seed or 0, shuffle_buffer=1000,
+                               repeat=True)
+        dataset, _ = run.dataset("train", True, count, options, "an augmentations grid", pre)
+    except RunDirError as e:
+        raise VisualizeError(str(e)) from None
     images, _ = next(iter(data.on_host(dataset, pre, True, options)))
     return write_png(augmentation_grid(images.numpy(), pre), output)
 

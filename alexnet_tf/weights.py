@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from alexnet_tf import model as model_lib, preprocessing
+from alexnet_tf import flag_facts, preprocessing
 from alexnet_tf.lrn import LRN_PRESETS, LocalResponseNormalization
 
 LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -54,7 +54,7 @@ class WeightsError(ValueError):
 
 def caffe_preprocess_config(**overrides):
     """The `PreprocessConfig` BVLC AlexNet was trained with: BGR, Caffe's mean, no std."""
-    size = model_lib.DEFAULT_IMAGE_SIZE[CAFFE_VARIANT]
+    size = flag_facts.DEFAULT_IMAGE_SIZE[CAFFE_VARIANT]
     fields = dict(image_size=size, resize_size=preprocessing.resize_size_for(size), channels=3,
                   mean=preprocessing.CAFFE_MEAN_BGR, bgr=True)
     fields.update(overrides)
@@ -63,7 +63,7 @@ def caffe_preprocess_config(**overrides):
 
 def torchvision_preprocess_config(**overrides):
     """The `PreprocessConfig` torchvision's AlexNet expects: RGB, ImageNet mean and std."""
-    size = model_lib.DEFAULT_IMAGE_SIZE[TORCHVISION_VARIANT]
+    size = flag_facts.DEFAULT_IMAGE_SIZE[TORCHVISION_VARIANT]
     fields = dict(image_size=size, resize_size=preprocessing.resize_size_for(size), channels=3,
                   mean=preprocessing.TORCHVISION_MEAN, std=preprocessing.TORCHVISION_STD)
     fields.update(overrides)

@@ -63,12 +63,12 @@ def export_all(model, class_names, config, root, calibration):
 
 def runner(version, fmt):
     """call(batch) -> probabilities, for the file of `fmt` in `version`, in its runtime."""
-    from alexnet_tf import formats
+    from alexnet_tf import flag_facts
 
     if fmt == "saved_model":
         session = common.serving_session(version, "predict_images")
         return lambda images: session(images)["probabilities"]
-    path = os.path.join(version, formats.MODEL_FILES[fmt])
+    path = os.path.join(version, flag_facts.MODEL_FILES[fmt])
     if fmt == "litert":
         from ai_edge_litert.interpreter import Interpreter
 

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from alexnet_tf import model as model_lib, preprocessing, serving  # noqa: E402
+from alexnet_tf import flag_facts, model as model_lib, preprocessing, serving  # noqa: E402
 from tests.helpers import (encode, jpeg_bomb, photo_jpeg, png_bomb, run_measured,  # noqa: E402
                            smooth_image)
 
@@ -38,7 +38,7 @@ def main():
     model = model_lib.AlexNet(10, "paper", init="keras")
     config = preprocessing.PreprocessConfig()
     print(f"| image | bytes | budget | peak MB | answer |\n|---|---|---|---|---|")
-    for budget in (preprocessing.MAX_PIXELS, 10**9):
+    for budget in (flag_facts.MAX_PIXELS, 10**9):
         export = serving.export_saved_model(
             model, os.path.join(work, f"budget{budget}"), [str(i) for i in range(10)],
             dataclasses.replace(config, max_pixels=budget))

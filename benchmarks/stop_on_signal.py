@@ -47,14 +47,14 @@ def save_seconds(recipe, repeats):
 
     sys.path.insert(0, ROOT)
     import train
-    from alexnet_tf import backup, model as model_lib, strategy, training
+    from alexnet_tf import backup, flag_facts, strategy, training
 
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["train.py", f"--flagfile={os.path.join(ROOT, recipe)}"])
     config = train.config_from_flags()
     strategy.set_up_process(config)
     classes = 10 if "fashion" in recipe else 1000
-    size = 28 if "fashion" in recipe else model_lib.DEFAULT_IMAGE_SIZE[config.variant]
+    size = 28 if "fashion" in recipe else flag_facts.DEFAULT_IMAGE_SIZE[config.variant]
     model = training.build_model(config, classes, size, 1 if "fashion" in recipe else 3)
     model.compile(optimizer=training._optimizer(config, 1000),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -51,8 +51,8 @@ def test_mistakes_are_one_line(entry_point, args, fragment):
 
 def test_exports_help_gives_the_pixel_budget_train_py_defaults_to():
     """export.py spells the budget in its help (its flags parse before TensorFlow is imported,
-    and the package imports TensorFlow): the figure must be the one preprocessing holds."""
-    from alexnet_tf import preprocessing
+    and the package imports TensorFlow): the figure must be the one flag_facts holds."""
+    from alexnet_tf import flag_facts
 
     result = run(ENTRY_POINTS["export.py"][0], "--helpfull")
-    assert f"{preprocessing.MAX_PIXELS:,}" in result.stdout + result.stderr
+    assert f"{flag_facts.MAX_PIXELS:,}" in result.stdout + result.stderr

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import alexnet_tf
-from alexnet_tf import formats, preprocessing, serving, sources
+from alexnet_tf import flag_facts, formats, preprocessing, serving, sources
 from tests.helpers import (ROOT, assert_one_line_error, photo_framings, recentre_classifier,
                            require, require_fashion_mnist, run_train)
 
@@ -59,7 +59,7 @@ class Runtime:
     its builtin kernels alone."""
 
     def __init__(self, version_dir, fmt, reference=False):
-        path = os.path.join(version_dir, formats.MODEL_FILES[fmt])
+        path = os.path.join(version_dir, flag_facts.MODEL_FILES[fmt])
         self.fmt = fmt
         if fmt == "litert":
             from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -225,13 +225,18 @@ def test_a_missing_converter_is_named(monkeypatch):
         formats.check_converters("onnx")
 
 
-def test_export_py_knows_every_format():
+def test_export_py_offers_the_formats_quantizations_and_calibration_of_flag_facts():
+    # export.py spells them out so that its flags parse before TensorFlow starts.
     import ast
 
     tree = ast.parse(open(os.path.join(ROOT, "export.py")).read())
     (node,) = [n for n in tree.body if isinstance(n, ast.Assign)
                and getattr(n.targets[0], "id", None) == "FORMATS"]
-    assert set(ast.literal_eval(node.value)) == {"saved_model", *formats.MODEL_FILES}
+    assert ast.literal_eval(node.value) == flag_facts.FORMATS
+    defines = {call.args[0].value: call for call in ast.walk(tree)
+               if isinstance(call, ast.Call) and getattr(call.func, "attr", "").startswith("DEFINE")}
+    assert tuple(ast.literal_eval(defines["quantize"].args[2])) == flag_facts.QUANTIZATIONS
+    assert ast.literal_eval(defines["calibration_images"].args[1]) == flag_facts.CALIBRATION_IMAGES
 
 
 def test_the_package_imports_no_converter_or_runtime():
