@@ -159,19 +159,26 @@ class _SignalAfter(keras.callbacks.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-@pytest.mark.onednn
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_at_the_next_step_and_stops(tmp_path, signum):
-    model, backup, _ = fresh(tmp_path)
+def _fit_until_a_signal(model, backup, calls, signum=signal.SIGTERM, epochs=3):
+    """Fits `model` (fresh's, 8 steps per epoch) for `epochs` epochs with `backup` under
+    StopSignals, `signum` sent after `calls` steps; the Interrupted the fit ended with."""
     x = np.arange(48, dtype=np.float32).reshape(16, 3) / 50
     with backup_lib.StopSignals() as stop:
         backup.stop = stop
         with pytest.raises(backup_lib.Interrupted) as e:
-            model.fit(x, np.ones((16, 2), np.float32), batch_size=2, epochs=3, verbose=0,
-                      callbacks=[_SignalAfter(11, signum), backup])
+            model.fit(x, np.ones((16, 2), np.float32), batch_size=2, epochs=epochs, verbose=0,
+                      callbacks=[_SignalAfter(calls, signum), backup])
+    return e.value
+
+
+@pytest.mark.onednn
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_at_the_next_step_and_stops(tmp_path, signum):
+    model, backup, _ = fresh(tmp_path)
+    stopped = _fit_until_a_signal(model, backup, 11, signum)
     # 8 steps per epoch: the signal came after the 11th step, the 3rd of the 2nd epoch.
-    assert (e.value.epoch, e.value.step, e.value.signum) == (1, 3, signum)
-    assert str(e.value).startswith("stopped at epoch 2 step 3 by ")
+    assert (stopped.epoch, stopped.step, stopped.signum) == (1, 3, signum)
+    assert str(stopped).startswith("stopped at epoch 2 step 3 by ")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
     saved = [w.copy() for w in model.get_weights()]
     model, backup, _ = fresh(tmp_path)
@@ -184,13 +191,8 @@ def test_a_signal_saves_at_the_next_step_and_stops(tmp_path, signum):
 @pytest.mark.onednn
 def test_a_signal_at_an_epochs_last_step_stops_once_the_epoch_has_ended(tmp_path):
     model, backup, _ = fresh(tmp_path)
-    x = np.arange(48, dtype=np.float32).reshape(16, 3) / 50
-    with backup_lib.StopSignals() as stop:
-        backup.stop = stop
-        with pytest.raises(backup_lib.Interrupted) as e:
-            model.fit(x, np.ones((16, 2), np.float32), batch_size=2, epochs=3, verbose=0,
-                      callbacks=[_SignalAfter(8, signal.SIGTERM), backup])
-    assert (e.value.epoch, e.value.step) == (1, 0)
+    stopped = _fit_until_a_signal(model, backup, 8)
+    assert (stopped.epoch, stopped.step) == (1, 0)
     model, backup, _ = fresh(tmp_path)
     assert backup.restore(model) == 1 and backup.resume_step == 0
 
@@ -198,7 +200,6 @@ def test_a_signal_at_an_epochs_last_step_stops_once_the_epoch_has_ended(tmp_path
 @pytest.mark.onednn
 def test_a_second_signal_while_saving_leaves_a_whole_backup(tmp_path, monkeypatch):
     model, backup, _ = fresh(tmp_path)
-    x = np.arange(48, dtype=np.float32).reshape(16, 3) / 50
     save_weights = model.save_weights
 
     def save_with_another_signal(path):  # the notice repeated while the weights are written
@@ -207,12 +208,8 @@ def test_a_second_signal_while_saving_leaves_a_whole_backup(tmp_path, monkeypatc
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(model, "save_weights", save_with_another_signal)
-    with backup_lib.StopSignals() as stop:
-        backup.stop = stop
-        with pytest.raises(backup_lib.Interrupted) as e:
-            model.fit(x, np.ones((16, 2), np.float32), batch_size=2, epochs=2, verbose=0,
-                      callbacks=[_SignalAfter(3, signal.SIGTERM), backup])
-    assert (e.value.epoch, e.value.step, e.value.signum) == (0, 3, signal.SIGTERM)
+    stopped = _fit_until_a_signal(model, backup, 3, epochs=2)
+    assert (stopped.epoch, stopped.step, stopped.signum) == (0, 3, signal.SIGTERM)
     model, backup, _ = fresh(tmp_path)
     assert backup.restore(model) == 0 and backup.resume_step == 3
     assert int(model.optimizer.iterations) == 3
