@@ -20,14 +20,11 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 
-import alexnet_tf  # noqa: E402
-from alexnet_tf import formats, preprocessing, serving  # noqa: E402
-from tests.helpers import photo_framings, recentre_classifier  # noqa: E402
+from alexnet_tf import formats  # noqa: E402
+from tests.helpers import decisive_photo_export  # noqa: E402
 from tests.test_formats import PHOTO_VARIANTS, SHARPNESS, Runtime  # noqa: E402
 
 RUNTIMES = [("LiteRT, builtin kernels", "litert", True), ("LiteRT, XNNPACK", "litert", False),
@@ -37,15 +34,8 @@ RUNTIMES = [("LiteRT, builtin kernels", "litert", True), ("LiteRT, XNNPACK", "li
 def agreement(variant, workdir):
     """[(runtime, largest difference, same top-1)] of one variant."""
     config = PHOTO_VARIANTS[variant]
-    photographs = photo_framings()
-    keras.utils.set_random_seed(3)
-    model = alexnet_tf.AlexNet(variant=variant)
-    views = preprocessing.eval_images(photographs, config).numpy()
-    recentre_classifier(model, views, sharpness=SHARPNESS[variant])
-    names = [f"class{i}" for i in range(1000)]
-    saved = serving.export_saved_model(model, os.path.join(workdir, "saved_model"), names, config)
-    expected = tf.saved_model.load(saved).signatures["predict_images"](
-        images=tf.constant(photographs))["probabilities"].numpy()
+    model, views, names, _, expected = decisive_photo_export(
+        variant, config, SHARPNESS[variant], os.path.join(workdir, "saved_model"))
     versions = {}
     rows = []
     for label, fmt, reference in RUNTIMES:
@@ -54,7 +44,7 @@ def agreement(variant, workdir):
         got = Runtime(versions[fmt], fmt, reference=reference).probabilities(views)
         rows.append((label, float(np.abs(got - expected).max()),
                      bool((got.argmax(-1) == expected.argmax(-1)).all())))
-    return rows, len(photographs)
+    return rows, len(views)
 
 
 def main(argv):

@@ -108,6 +108,28 @@ def recentre_classifier(model, views, sharpness=200):
     model.get_layer("fc8").set_weights([sharpness * kernel, sharpness * (bias - mean_logits)])
 
 
+def decisive_photo_export(variant, config, sharpness, directory):
+    """A seeded untrained `variant` made decisive on the photographs (`photo_framings`, cut as
+    `config` cuts them for evaluation; `recentre_classifier` with `sharpness`) and exported as a
+    SavedModel in `directory`: (model, the views, the class names, the export's path, its
+    predict_images probabilities on the photographs)."""
+    import keras
+
+    import alexnet_tf
+    from alexnet_tf import preprocessing, serving
+
+    photographs = photo_framings()
+    keras.utils.set_random_seed(3)
+    model = alexnet_tf.AlexNet(variant=variant)
+    views = preprocessing.eval_images(photographs, config).numpy()
+    recentre_classifier(model, views, sharpness=sharpness)
+    names = [f"class{i}" for i in range(1000)]
+    saved = serving.export_saved_model(model, str(directory), names, config)
+    expected = tf.saved_model.load(saved).signatures["predict_images"](
+        images=tf.constant(photographs))["probabilities"].numpy()
+    return model, views, names, saved, expected
+
+
 def run_measured(args, env=None, timeout=300):
     """Runs a command to its end; (exit status, stdout, stderr, the process's peak resident
     memory in MB), the peak from the kernel's accounting of that one process (wait4)."""

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import alexnet_tf
 from alexnet_tf import flag_facts, formats, preprocessing, serving, sources
-from tests.helpers import (ROOT, assert_one_line_error, photo_framings, recentre_classifier,
+from tests.helpers import (ROOT, assert_one_line_error, decisive_photo_export, photo_framings,
                            require, require_fashion_mnist, run_train)
 
 # The export extra (pip install -e '.[export]'), which the test extra installs.
@@ -381,6 +381,7 @@ def test_readme_deploy_code_runs_on_an_export(fashion_mnist_exports, fashion_mni
 PHOTO_VARIANTS = {"paper": preprocessing.PreprocessConfig(image_size=227, resize_size=256),
                   "one_weird_trick": preprocessing.PreprocessConfig(image_size=224,
                                                                     resize_size=256)}
+# Sharp enough to be peaked, not so sharp that one_weird_trick's answers saturate.
 SHARPNESS = {"paper": 200, "one_weird_trick": 100}
 
 
@@ -396,16 +397,8 @@ def test_every_format_of_the_imagenet_models_agrees_on_photographs(variant, tmp_
     are differences of nearly equal logits, which int8 weights do not keep: the Fashion-MNIST
     tests above check quantized answers on a trained one)."""
     config = PHOTO_VARIANTS[variant]
-    photographs = photo_framings()
-    keras.utils.set_random_seed(3)
-    model = alexnet_tf.AlexNet(variant=variant)
-    views = preprocessing.eval_images(photographs, config).numpy()
-    # Sharp enough to be peaked, not so sharp that one_weird_trick's answers saturate.
-    recentre_classifier(model, views, sharpness=SHARPNESS[variant])
-    names = [f"class{i}" for i in range(1000)]
-    saved = serving.export_saved_model(model, str(tmp_path / "saved_model"), names, config)
-    expected = tf.saved_model.load(saved).signatures["predict_images"](
-        images=tf.constant(photographs))["probabilities"].numpy()
+    model, views, names, _, expected = decisive_photo_export(
+        variant, config, SHARPNESS[variant], tmp_path / "saved_model")
     top2 = np.sort(expected, axis=-1)[:, -2:]
     assert (top2[:, 1] > 0.05).all() and (top2[:, 1] < 0.999).all(), top2  # peaked, not saturated
     assert (top2[:, 1] - top2[:, 0] > 1e-3).all() and len(set(expected.argmax(-1))) > 2, top2
