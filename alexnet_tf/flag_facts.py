@@ -1,9 +1,10 @@
 """The facts the command lines are made of: the choices and limits their flags offer, as plain
 data.
 
-Nothing here imports TensorFlow or the rest of alexnet_tf, so that flags parse, and `--helpfull`
-lists them, before TensorFlow starts (or where it cannot). The modules that act on a fact take
-it from here: one definition each.
+This module imports nothing; the modules that act on a fact take it from here: one definition
+each. Importing it through the package still starts TensorFlow (alexnet_tf/__init__.py imports
+the model, whose layers Keras must know to load a checkpoint), so export.py, whose flags parse
+before TensorFlow starts, spells out its copies, and a test checks them against these.
 """
 
 # Weight initialisations (model.py): paper §5, BVLC Caffe's solver, Keras' defaults.
