@@ -218,7 +218,7 @@ def _prepared_training(ds, p):
     """The training route of prepared data, after the shuffle of the serialized records:
     batches of them, then one call per batch that parses them, drops and counts the incomplete
     images and decodes a random window of each of the others
-    (preprocessing.prepared_random_crops). Per batch because a tf.data stage per record costs
+    (image_bytes.prepared_random_crops). Per batch because a tf.data stage per record costs
     about as much as decoding its window (BENCHMARKS.md, "Input pipelines"). A batch that lost
     records to the check is that much smaller (and left out when none is left); one whose
     decoding fails past the check (damage inside a file) is dropped with tf.data's warning
@@ -245,7 +245,7 @@ def _prepared_training(ds, p):
                                      [batch_size])
             labels = tf.concat([labels, tf.zeros([missing], labels.dtype)], 0)
             ok = tf.concat([ok, tf.zeros([missing], tf.bool)], 0)
-        crops = preprocessing.prepared_random_crops(images, s, preprocess, stored)
+        crops = image_bytes.prepared_random_crops(images, s, preprocess, stored)
         return tf.cond(tf.reduce_all(ok), lambda: (crops, labels),
                        lambda: (tf.boolean_mask(crops, ok), tf.boolean_mask(labels, ok)))
 

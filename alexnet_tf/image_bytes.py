@@ -1,5 +1,6 @@
 """Encoded image bytes, read without decoding them where that suffices: their format, the pixels
-their header declares, whether they are a whole file; and their decoding."""
+their header declares, whether they are a whole file; their decoding; and the windows of
+prepared JPEGs (prepare.py), each decoded alone."""
 
 import tensorflow as tf
 
@@ -68,3 +69,43 @@ def looks_complete(encoded):
         tf.equal(tail8, b"IEND\xaeB`\x82"),
     )
     return tf.logical_and(size > 0, tf.logical_or(jpeg, png))
+
+
+# --------------------------------------------------------------------------------------------
+# Prepared data (prepare.py): JPEGs already at the paper's 256 x 256, windows decoded alone
+
+
+def prepared_random_crops(encoded, seed, config, stored_size=None):
+    """Paper §4.1's training crops of a batch of prepared JPEGs [N] (N known when tracing): for
+    each, a random image_size x image_size window anywhere in the stored image, decoded alone
+    (`decode_and_crop_jpeg`), not resampled. Returns uint8 [N, image_size, image_size, channels].
+
+    A whole batch per call, one decode op per image in one graph (TensorFlow runs them side by
+    side): in tf.data, a map call per image costs about as much as decoding its window, and a
+    tf.map_fn loop still a measurable share (BENCHMARKS.md, "Input pipelines"). `stored_size`:
+    every image is stored_size x stored_size (prepare.py without keep_frame), so no header is
+    read.
+    """
+    count, size = encoded.shape[0], config.image_size
+    if count is None:
+        raise ValueError("prepared_random_crops needs a batch size known when tracing")
+    if stored_size is None:
+        shapes = tf.stack([tf.io.extract_jpeg_shape(encoded[i])[:2] for i in range(count)])
+    else:
+        shapes = tf.fill([count, 2], stored_size)
+    draws = tf.random.stateless_uniform([count, 2], seed, 0, tf.int32.max, dtype=tf.int32)
+    offsets = draws % (shapes - size + 1)  # a bias of < 1e-7 for any image size
+    return tf.stack([
+        tf.image.decode_and_crop_jpeg(
+            encoded[i], tf.stack([offsets[i, 0], offsets[i, 1], size, size]),
+            channels=config.channels)
+        for i in range(count)])
+
+
+def prepared_center_crop(encoded, config):
+    """The central image_size x image_size window of a prepared JPEG, decoded alone; uint8."""
+    shape = tf.io.extract_jpeg_shape(encoded)
+    size = config.image_size
+    window = tf.stack([(shape[0] - size) // 2, (shape[1] - size) // 2, size, size])
+    crop = tf.image.decode_and_crop_jpeg(encoded, window, channels=config.channels)
+    return tf.ensure_shape(crop, [size, size, config.channels])

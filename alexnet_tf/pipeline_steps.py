@@ -134,4 +134,4 @@ def prepared_evaluation_steps(p):
     centre window decoded alone from the stored JPEG, never resampled.
     (Training: _prepared_training; ten crops: ten_crop_steps.)"""
     preprocess = p.preprocess
-    return Step(lambda x: preprocessing.prepared_center_crop(x, preprocess)), None
+    return Step(lambda x: image_bytes.prepared_center_crop(x, preprocess)), None

@@ -1,12 +1,12 @@
 """Image preprocessing of paper §4.1: the PreprocessConfig that parametrises it, training crops,
-flips and PCA lighting; eval and 10-crop. (Reading encoded bytes: image_bytes; the Keras layers:
-preprocessing_layers; eigen-pairs of a user's data: pca.)
+flips and PCA lighting; eval and 10-crop. (Encoded bytes and prepared JPEGs' windows:
+image_bytes; the Keras layers: preprocessing_layers; eigen-pairs of a user's data: pca.)
 
-The ops take one image (or its encoded bytes), except those that take a batch: the `*_batch`
-ops and `eval_images` [B, H, W, C], and `prepared_random_crops` [B] encoded JPEGs (`normalize`,
-`denormalize` and `to_uint8` take either). All work both eagerly and inside `tf.data` maps.
-Images are float32 in [0, 255] until `normalize`. The evaluation functions here are the ones the
-exported serving signatures call, so training and serving cannot drift apart.
+The ops take one image (or its encoded bytes), except those that take a batch [B, H, W, C]: the
+`*_batch` ops and `eval_images` (`normalize`, `denormalize` and `to_uint8` take either). All
+work both eagerly and inside `tf.data` maps. Images are float32 in [0, 255] until `normalize`.
+The evaluation functions here are the ones the exported serving signatures call, so training and
+serving cannot drift apart.
 """
 
 import dataclasses
@@ -96,9 +96,7 @@ class PreprocessConfig:
             fields = json.load(f)
         for key in ("mean", "std", "eigval", "eigvec"):
             if fields.get(key) is not None:
-                fields[key] = tuple(
-                    tuple(v) if isinstance(v, list) else v for v in fields[key]
-                )
+                fields[key] = tuple(tuple(v) if isinstance(v, list) else v for v in fields[key])
         return cls(**fields)
 
 
@@ -188,7 +186,6 @@ def paper_crop(image, seed, config, jpeg=False):
 
 def inception_crop(image, seed, config, jpeg=False):
     """Inception-style random-resized crop: 8-100% of the area, aspect ratio 3/4-4/3."""
-
     def window(shape):
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
             tf.concat([shape, [config.channels]], 0),
@@ -349,7 +346,6 @@ def eval_crop(image, config, jpeg=False):
     for JPEG bytes), resized to image_size: equal to resizing first and cropping after, up to
     resampling, and cheaper (the full-size decode and resize are skipped).
     """
-
     image = _window_resized(image, lambda shape: _centre_window(shape, config), config, jpeg)
     return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
 
@@ -395,46 +391,6 @@ def ten_crop(image, config):
         bottom-right and centre; crops 5-9 are their horizontal mirrors in the same order.
     """
     return normalize(ten_crop_views(image, config), config)
-
-
-# --------------------------------------------------------------------------------------------
-# Prepared data (prepare.py): JPEGs already at the paper's 256 x 256, cropped without resizing
-
-
-def prepared_random_crops(encoded, seed, config, stored_size=None):
-    """Paper §4.1's training crops of a batch of prepared JPEGs [N] (N known when tracing): for
-    each, a random image_size x image_size window anywhere in the stored image, decoded alone
-    (`decode_and_crop_jpeg`), not resampled. Returns uint8 [N, image_size, image_size, channels].
-
-    A whole batch per call, one decode op per image in one graph (TensorFlow runs them side by
-    side): in tf.data, a map call per image costs about as much as decoding its window, and a
-    tf.map_fn loop still a measurable share (BENCHMARKS.md, "Input pipelines"). `stored_size`:
-    every image is stored_size x stored_size (prepare.py without keep_frame), so no header is
-    read.
-    """
-    count, size = encoded.shape[0], config.image_size
-    if count is None:
-        raise ValueError("prepared_random_crops needs a batch size known when tracing")
-    if stored_size is None:
-        shapes = tf.stack([tf.io.extract_jpeg_shape(encoded[i])[:2] for i in range(count)])
-    else:
-        shapes = tf.fill([count, 2], stored_size)
-    draws = tf.random.stateless_uniform([count, 2], seed, 0, tf.int32.max, dtype=tf.int32)
-    offsets = draws % (shapes - size + 1)  # a bias of < 1e-7 for any image size
-    return tf.stack([
-        tf.image.decode_and_crop_jpeg(
-            encoded[i], tf.stack([offsets[i, 0], offsets[i, 1], size, size]),
-            channels=config.channels)
-        for i in range(count)])
-
-
-def prepared_center_crop(encoded, config):
-    """The central image_size x image_size window of a prepared JPEG, decoded alone; uint8."""
-    shape = tf.io.extract_jpeg_shape(encoded)
-    size = config.image_size
-    window = tf.stack([(shape[0] - size) // 2, (shape[1] - size) // 2, size, size])
-    crop = tf.image.decode_and_crop_jpeg(encoded, window, channels=config.channels)
-    return tf.ensure_shape(crop, [size, size, config.channels])
 
 
 def to_uint8(images):
