@@ -10,26 +10,41 @@ evaluation views (README, "Deploy"). The work is in alexnet_tf.serving and alexn
 """
 
 import dataclasses
+import importlib.util
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-# alexnet_tf.flag_facts' formats, quantizations, calibration size and pixel budget, spelled out
-# here because importing the package starts TensorFlow, and these flags parse (and --help
-# answers) before it starts; tests/test_formats.py and tests/test_cli.py check they match.
-FORMATS = ("saved_model", "litert", "onnx", "openvino")
+
+def _leaf(name):
+    """alexnet_tf.<name>, a module that imports nothing of TensorFlow or the package, loaded
+    without the package's __init__ (which imports the model, and with it TensorFlow): the flags
+    parse, and --help answers, before TensorFlow starts. It is registered under its own name, so
+    the package, once imported, uses this same module."""
+    qualified = f"alexnet_tf.{name}"
+    if qualified not in sys.modules:
+        (package_dir,) = importlib.util.find_spec("alexnet_tf").submodule_search_locations
+        spec = importlib.util.spec_from_file_location(qualified,
+                                                      os.path.join(package_dir, f"{name}.py"))
+        sys.modules[qualified] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[qualified])
+    return sys.modules[qualified]
+
+
+cli, flag_facts = _leaf("cli"), _leaf("flag_facts")
 
 flags.DEFINE_string("workdir", None, "Training run directory (train.py's --workdir).", required=True)
 flags.DEFINE_string("export_dir", None, "Model base path: <base>/<model_name>.", required=True)
-flags.DEFINE_enum("format", "saved_model", FORMATS,
+flags.DEFINE_enum("format", "saved_model", flag_facts.FORMATS,
                   "saved_model: for TF Serving (encoded images in). litert (.tflite), onnx, "
                   "openvino (IR .xml/.bin): the model and its softmax, evaluation views in.")
-flags.DEFINE_enum("quantize", "none", ["none", "dynamic", "int8"],
+flags.DEFINE_enum("quantize", "none", flag_facts.QUANTIZATIONS,
                   "--format=litert only. dynamic: int8 weights, float activations. int8: "
                   "full-integer, calibrated on --calibration_images of the run's training images.")
-flags.DEFINE_integer("calibration_images", 300,
+flags.DEFINE_integer("calibration_images", flag_facts.CALIBRATION_IMAGES,
                      "--quantize=int8: training images (evaluation views) that calibrate it.",
                      lower_bound=1)
 flags.DEFINE_bool("int8_io", False, "--quantize=int8: int8 input and output instead of float32.")
@@ -42,7 +57,7 @@ flags.DEFINE_integer("top_k", 5, "--format=saved_model: classes and scores retur
 flags.DEFINE_integer(
     "max_pixels", None, "--format=saved_model: serving_default refuses images whose header "
     "declares more pixels, before decoding them; default: the run's (train.py --max_pixels, "
-    "40,000,000).", lower_bound=1)
+    f"{flag_facts.MAX_PIXELS:,}).", lower_bound=1)
 FLAGS = flags.FLAGS
 
 # Flags that mean something for some formats only: given with another, they are a mistake.
@@ -52,8 +67,6 @@ _INT8_ONLY = ("calibration_images", "int8_io")
 
 def _format_flags_mistake():
     """What is wrong with the flags of one format given with another, or None."""
-    from alexnet_tf.flag_facts import quantize_mistake
-
     fmt, quantize = FLAGS.format, FLAGS.quantize
     for name in _SAVED_MODEL_ONLY + _INT8_ONLY:
         if not FLAGS[name].present:
@@ -62,7 +75,7 @@ def _format_flags_mistake():
             return f"--{name} is for --format=saved_model, not {fmt}"
         if name in _INT8_ONLY and quantize != "int8":
             return f"--{name} is for --quantize=int8, not {quantize}"
-    return quantize_mistake(fmt, quantize)
+    return flag_facts.quantize_mistake(fmt, quantize)
 
 
 def _export_other_format(model, class_names, config):
@@ -82,7 +95,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
-    from alexnet_tf import cli, formats, serving, sources
+    from alexnet_tf import formats, serving, sources
 
     mistake = _format_flags_mistake()
     if mistake:
@@ -105,6 +118,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from alexnet_tf import cli
-
     app.run(main, flags_parser=cli.flags_parser("export.py"))

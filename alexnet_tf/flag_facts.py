@@ -2,9 +2,9 @@
 data.
 
 This module imports nothing; the modules that act on a fact take it from here: one definition
-each. Importing it through the package still starts TensorFlow (alexnet_tf/__init__.py imports
-the model, whose layers Keras must know to load a checkpoint), so export.py, whose flags parse
-before TensorFlow starts, spells out its copies, and a test checks them against these.
+each. Importing it through the package starts TensorFlow (alexnet_tf/__init__.py imports the
+model, whose layers Keras must know to load a checkpoint), so export.py, whose flags parse before
+TensorFlow starts, loads it (and cli) on its own.
 """
 
 # Weight initialisations (model.py): paper §5, BVLC Caffe's solver, Keras' defaults.

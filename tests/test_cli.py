@@ -50,9 +50,38 @@ def test_mistakes_are_one_line(entry_point, args, fragment):
 
 
 def test_exports_help_gives_the_pixel_budget_train_py_defaults_to():
-    """export.py spells the budget in its help (its flags parse before TensorFlow is imported,
-    and the package imports TensorFlow): the figure must be the one flag_facts holds."""
     from alexnet_tf import flag_facts
 
     result = run(ENTRY_POINTS["export.py"][0], "--helpfull")
     assert f"{flag_facts.MAX_PIXELS:,}" in result.stdout + result.stderr
+
+
+def _hiding_tensorflow(tmp_path):
+    """An environment in which `import tensorflow` (and keras) fails, as on a machine without it."""
+    for name in ("tensorflow", "keras"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('no {name} here')\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+
+
+def test_export_py_parses_its_flags_and_answers_help_without_tensorflow(tmp_path):
+    from alexnet_tf import flag_facts
+
+    env = _hiding_tensorflow(tmp_path)
+    hidden = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True,
+                            text=True, env=env)
+    assert "no tensorflow here" in hidden.stderr  # the hiding works
+    result = subprocess.run([sys.executable, "export.py", "--helpfull"], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    text = result.stdout
+    assert "--export_dir:" in text and "absl.flags:" in text
+    assert f"<{'|'.join(flag_facts.FORMATS)}>" in text
+    assert f"<{'|'.join(flag_facts.QUANTIZATIONS)}>" in text
+    assert f"(default: '{flag_facts.CALIBRATION_IMAGES}')" in text
+    assert f"{flag_facts.MAX_PIXELS:,}" in text
+    # A flag mistake is still one line, before TensorFlow would start.
+    mistake = subprocess.run([sys.executable, "export.py", "--workdir=w", "--export_dir=e",
+                              "--format=pickle"], cwd=ROOT, capture_output=True, text=True,
+                             env=env, timeout=60)
+    assert_one_line_error(mistake, "export.py", "--format=pickle")

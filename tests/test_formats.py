@@ -225,20 +225,6 @@ def test_a_missing_converter_is_named(monkeypatch):
         formats.check_converters("onnx")
 
 
-def test_export_py_offers_the_formats_quantizations_and_calibration_of_flag_facts():
-    # export.py spells them out so that its flags parse before TensorFlow starts.
-    import ast
-
-    tree = ast.parse(open(os.path.join(ROOT, "export.py")).read())
-    (node,) = [n for n in tree.body if isinstance(n, ast.Assign)
-               and getattr(n.targets[0], "id", None) == "FORMATS"]
-    assert ast.literal_eval(node.value) == flag_facts.FORMATS
-    defines = {call.args[0].value: call for call in ast.walk(tree)
-               if isinstance(call, ast.Call) and getattr(call.func, "attr", "").startswith("DEFINE")}
-    assert tuple(ast.literal_eval(defines["quantize"].args[2])) == flag_facts.QUANTIZATIONS
-    assert ast.literal_eval(defines["calibration_images"].args[1]) == flag_facts.CALIBRATION_IMAGES
-
-
 def test_the_package_imports_no_converter_or_runtime():
     code = ("import sys, alexnet_tf, alexnet_tf.formats, alexnet_tf.serving; "
             f"print([m for m in {EXPORT_EXTRA!r} if m in sys.modules])")
