@@ -106,8 +106,8 @@ class _Pipeline:
 def make_dataset(source, split, training, batch_size, preprocess, options=Options()):
     """The batched tf.data pipeline of one split: uint8 crops [B, H, W, C] (ten crops:
     [B, 10, H, W, C]) and int labels. Run `preprocessing_layers.InputStage(preprocess)` on each
-    batch on the model's device (`training.run_input_stage` puts it in the model's steps), or
-    `on_host` for model inputs from the pipeline.
+    batch on the model's device (`preprocessing_layers.run_input_stage` puts it in the model's
+    steps), or `on_host` for model inputs from the pipeline.
 
     Args:
         source: a `sources.Source`, or a source string (module docstring of `sources`).

@@ -125,8 +125,8 @@ class Inputs:
                 batches=None):
         """(dataset, skipped-image counter) of a split: a plain dataset of global batches of
         uint8 crops, which the model's steps pass through the InputStage first
-        (`training.run_input_stage`). Keras splits it across the replicas and, with several
-        workers, shards it (by file where it can, else by record); Keras 3's fit() cannot take
+        (`preprocessing_layers.run_input_stage`). Keras splits it across the replicas and, with
+        several workers, shards it (by file where it can, else by record); Keras 3's fit() cannot take
         distribute_datasets_from_function's PerReplica. With --data_service a training pipeline
         runs on its workers, unless `service` is False (one batch for the image grid: a service
         job would make the workers start on a whole epoch). `device`: where each batch is

@@ -81,7 +81,7 @@ class InputStage(keras.layers.Layer):
     models keep their serving preprocessing (`eval_image` on encoded bytes). `data.on_host`
     runs the same functions in the pipeline instead.
 
-    Its random draws are stateless. Inside a training step (`training.run_input_stage`) they are
+    Its random draws are stateless. Inside a training step (`run_input_stage`) they are
     a function of the seed, the optimizer's step count and the replica: no variable is read or
     written, which XLA needs under a multi-device strategy (a replica's step may not touch a
     variable of another device), and a run resumed at step S draws what an uninterrupted run
@@ -125,3 +125,28 @@ def step_seed(base, step):
     index = 0 if replica is None else replica.replica_id_in_sync_group
     seed = tf.stack([tf.constant(base, tf.int64), tf.cast(step, tf.int64)])
     return tf.random.experimental.stateless_fold_in(seed, tf.cast(index, tf.int64))
+
+
+def run_input_stage(model, stage):
+    """Makes `stage` (an `InputStage`) the first part of the model's train, test and predict
+    steps, so that it runs on the model's device on each batch of uint8 crops that
+    `data.make_dataset` yields: with training=True in training steps only, its random draws
+    seeded by the optimizer's step count (read, never written by the stage, so that the step
+    compiles with XLA under every strategy). The model itself (its layers, checkpoints and
+    exports) is unchanged."""
+
+    def staged(step, training):
+        def step_with_stage(data):
+            images, *rest = data if isinstance(data, tuple) else (data,)
+            if training:
+                images = stage(images, training=True, step=model.optimizer.iterations)
+            else:
+                images = stage(images, training=False)
+            return step((images, *rest))
+
+        return step_with_stage
+
+    model.train_step = staged(model.train_step, True)
+    model.test_step = staged(model.test_step, False)
+    model.predict_step = staged(model.predict_step, False)
+    return model

@@ -1,5 +1,5 @@
-"""The training run: the paper's optimisation recipe, the model and its callbacks, resuming, the
-final evaluation and the report.
+"""The training run: the compiled model (its recipe: alexnet_tf.recipe) and its callbacks,
+resuming, the final evaluation and the report.
 
 `train_and_evaluate(config, workdir)` is the library entry point; `train.py` only turns flags
 into a `train_config.TrainConfig` and calls it.
@@ -20,8 +20,8 @@ from absl import logging
 
 from alexnet_tf import backup as backup_lib, devices
 from alexnet_tf import inputs as inputs_lib, keras_compat, layers, model as model_lib
-from alexnet_tf import preprocessing, preprocessing_layers, sources, strategy as strategy_lib
-from alexnet_tf import weights
+from alexnet_tf import preprocessing, preprocessing_layers, recipe, sources
+from alexnet_tf import strategy as strategy_lib, weights
 from alexnet_tf.callbacks import DivideOnPlateau, EpochReport, StopOnNaN
 from alexnet_tf.rundir import RunDir, RunDirInUse
 from alexnet_tf.train_config import RESUME_SETTINGS, TrainingError
@@ -29,42 +29,6 @@ from alexnet_tf.train_config import RESUME_SETTINGS, TrainingError
 
 # --------------------------------------------------------------------------------------------
 # The run
-
-
-def _learning_rate(config, steps_per_epoch):
-    lr = config.learning_rate
-    if config.scale_lr_batch:
-        lr *= config.batch_size / config.scale_lr_batch
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    if config.schedule == "cosine":
-        total = config.epochs * steps_per_epoch
-        if warmup:
-            return keras.optimizers.schedules.CosineDecay(
-                0.0, total - warmup, warmup_target=lr, warmup_steps=warmup)
-        return keras.optimizers.schedules.CosineDecay(lr, total)
-    if config.schedule == "step":  # Caffe "step": lr * gamma^floor(iter / stepsize)
-        return keras.optimizers.schedules.ExponentialDecay(
-            lr, config.step_size, config.lr_decay, staircase=True)
-    return lr  # constant, or plateau (changed by DivideOnPlateau)
-
-
-def _optimizer(config, steps_per_epoch):
-    lr = _learning_rate(config, steps_per_epoch)
-    if config.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
-    return keras.optimizers.SGD(lr, momentum=config.momentum)
-
-
-def _add_weight_decay(model, weight_decay):
-    # Paper §5's update v <- 0.9 v - 0.0005 eps w - eps grad is momentum SGD on loss +
-    # (0.0005 / 2) ||w||^2. Kernels only: Caffe's reference model does not decay biases.
-    if not weight_decay:
-        return
-    regularizer = keras.regularizers.L2(weight_decay / 2)
-    for layer in model.layers:
-        kernel = getattr(layer, "kernel", None)
-        if kernel is not None and layer.trainable:  # frozen layers: a constant, skip it
-            kernel.regularizer = regularizer
 
 
 def _write_image_grid(run, dataset, config):
@@ -82,18 +46,6 @@ def _dummy_batch(model, strategy, num_classes):
     replicas = strategy.num_replicas_in_sync
     return (tf.zeros([replicas, *model.input_shape[1:]]),
             tf.zeros([replicas], tf.int32) % num_classes)
-
-
-def build_model(config, num_classes, image_size, channels):
-    """The AlexNet of a config, not compiled (create_model compiles it)."""
-    return model_lib.AlexNet(
-        num_classes=num_classes,
-        variant=config.variant,
-        input_shape=(image_size, image_size, channels),
-        lrn=None if config.lrn == "none" else config.lrn,
-        init=config.init,
-        dropout=config.dropout,
-    )
 
 
 @contextlib.contextmanager
@@ -152,31 +104,6 @@ def _steps_per_epoch(config, train_info):
     return steps
 
 
-def run_input_stage(model, stage):
-    """Makes `stage` (a `preprocessing_layers.InputStage`) the first part of the model's train,
-    test and predict steps, so that it runs on the model's device on each batch of uint8 crops
-    that `make_dataset` yields: with training=True in training
-    steps only, its random draws seeded by the optimizer's step count (read, never written by the
-    stage, so that the step compiles with XLA under every strategy).
-    The model itself (its layers, checkpoints and exports) is unchanged."""
-
-    def staged(step, training):
-        def step_with_stage(data):
-            images, *rest = data if isinstance(data, tuple) else (data,)
-            if training:
-                images = stage(images, training=True, step=model.optimizer.iterations)
-            else:
-                images = stage(images, training=False)
-            return step((images, *rest))
-
-        return step_with_stage
-
-    model.train_step = staged(model.train_step, True)
-    model.test_step = staged(model.test_step, False)
-    model.predict_step = staged(model.predict_step, False)
-    return model
-
-
 def step_settings(config, strategy, steps_per_epoch, facts=None):
     """(jit_compile, steps_per_execution) of a run: --jit_compile and --steps_per_execution, or
     where they say auto, what `devices` decides for this machine (`facts`)."""
@@ -207,7 +134,7 @@ def create_model(config, inputs, strategy, steps_per_epoch, resuming):
     # explicitly: Keras turns jit_compile="auto" off under any strategy.
     per_replica = jit and strategy.num_replicas_in_sync > 1
     with strategy.scope():
-        model = build_model(config, inputs.num_classes, pre.image_size, pre.channels)
+        model = recipe.build_model(config, inputs.num_classes, pre.image_size, pre.channels)
         try:
             if config.init_from and not resuming:
                 weights.load_weights(model, config.init_from, trust=config.trust_weights,
@@ -217,10 +144,10 @@ def create_model(config, inputs, strategy, steps_per_epoch, resuming):
             raise TrainingError(str(e)) from None
         if config.trainable != "all":
             logging.info("Training %s; the other layers are frozen", ", ".join(trainable))
-        _add_weight_decay(model, config.weight_decay)
+        recipe.add_weight_decay(model, config.weight_decay)
         model.compile(
-            optimizer=_optimizer(config, steps_per_epoch),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            optimizer=recipe.optimizer(config, steps_per_epoch),
+            loss=recipe.loss(config),
             metrics=[
                 keras.metrics.SparseCategoricalAccuracy(name="top1"),
                 keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, inputs.num_classes),
@@ -231,7 +158,8 @@ def create_model(config, inputs, strategy, steps_per_epoch, resuming):
         )
         if per_replica:
             keras_compat.replica_compiled_train_step(model)
-        run_input_stage(model, preprocessing_layers.InputStage(pre, seed=config.seed))
+        preprocessing_layers.run_input_stage(
+            model, preprocessing_layers.InputStage(pre, seed=config.seed))
     logging.info("Training step: XLA %s, %d step(s) per call", "on" if jit else "off", per_call)
     return model
 

@@ -142,7 +142,7 @@ def part_train(workdir):
     import tensorflow as tf
 
     import alexnet_tf
-    from alexnet_tf import devices, preprocessing, preprocessing_layers, training
+    from alexnet_tf import devices, preprocessing, preprocessing_layers
     from alexnet_tf.model import DEFAULT_IMAGE_SIZE
 
     variant, batch, dtype = parse_case(FLAGS.case)
@@ -161,7 +161,7 @@ def part_train(workdir):
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=True, steps_per_execution=per_call)
     pre = preprocessing.PreprocessConfig(image_size=size, resize_size=256)
-    training.run_input_stage(model, preprocessing_layers.InputStage(pre, seed=0))
+    preprocessing_layers.run_input_stage(model, preprocessing_layers.InputStage(pre, seed=0))
     with tf.device(device):  # on the device already: the step alone is timed
         images = tf.cast(tf.random.uniform([batch, size, size, 3], 0, 256, tf.int32), tf.uint8)
         labels = tf.random.uniform([batch], 0, 1000, tf.int32)

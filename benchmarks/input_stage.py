@@ -3,8 +3,8 @@ cast, flip, PCA lighting, normalisation of uint8 crops, as train.py runs it insi
 
 Trains the paper variant through compile/fit on synthetic data twice: on float32 batches that
 are already model inputs (no stage), and on uint8 batches through the stage
-(training.run_input_stage). Also times the stage alone on one batch. Prints the step times and
-the stage's share of a step, by both estimates.
+(preprocessing_layers.run_input_stage). Also times the stage alone on one batch. Prints the step
+times and the stage's share of a step, by both estimates.
 
     TF_ENABLE_ONEDNN_OPTS=0 python benchmarks/input_stage.py
     TF_ENABLE_ONEDNN_OPTS=1 python benchmarks/input_stage.py --batch_size=128 --steps=10
@@ -35,7 +35,7 @@ def step_seconds(staged):
     import tensorflow as tf
 
     import alexnet_tf
-    from alexnet_tf import preprocessing, preprocessing_layers, training
+    from alexnet_tf import preprocessing, preprocessing_layers
 
     model = alexnet_tf.AlexNet(variant=FLAGS.variant)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
@@ -43,7 +43,7 @@ def step_seconds(staged):
     shape = (FLAGS.batch_size, *model.input_shape[1:])
     if staged:
         stage = preprocessing_layers.InputStage(preprocessing.PreprocessConfig())
-        training.run_input_stage(model, stage)
+        preprocessing_layers.run_input_stage(model, stage)
         images = tf.constant(np.random.default_rng(0).integers(0, 256, shape, np.uint8))
     else:
         images = tf.random.uniform(shape, -128.0, 128.0)

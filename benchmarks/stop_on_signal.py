@@ -43,11 +43,10 @@ def define_flags():
 
 def save_seconds(recipe, repeats):
     """(state size in MB, median seconds of Backup.save) of the model of `recipe`."""
-    import keras
 
     sys.path.insert(0, ROOT)
     import train
-    from alexnet_tf import backup, flag_facts, strategy, training
+    from alexnet_tf import backup, flag_facts, recipe as recipe_lib, strategy
 
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["train.py", f"--flagfile={os.path.join(ROOT, recipe)}"])
@@ -55,9 +54,8 @@ def save_seconds(recipe, repeats):
     strategy.set_up_process(config)
     classes = 10 if "fashion" in recipe else 1000
     size = 28 if "fashion" in recipe else flag_facts.DEFAULT_IMAGE_SIZE[config.variant]
-    model = training.build_model(config, classes, size, 1 if "fashion" in recipe else 3)
-    model.compile(optimizer=training._optimizer(config, 1000),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = recipe_lib.build_model(config, classes, size, 1 if "fashion" in recipe else 3)
+    model.compile(optimizer=recipe_lib.optimizer(config, 1000), loss=recipe_lib.loss(config))
     model.optimizer.build(model.trainable_variables)
     seconds, megabytes = [], 0.0
     for _ in range(repeats):

@@ -417,7 +417,7 @@ def test_a_run_on_prepared_data_serves_the_original_jpegs_as_evaluation_sees_the
     workdir = str(tmp_path / "run")
     training.train_and_evaluate(config, workdir)
     model, class_names, pre = serving.load_run(workdir, "last")
-    training.run_input_stage(model, preprocessing_layers.InputStage(pre))
+    preprocessing_layers.run_input_stage(model, preprocessing_layers.InputStage(pre))
     assert pre.eigval == tuple(sources.read_prepared(out)["pca"]["eigval"])
 
     # Evaluation's view of each record, in the shards' order: its central 64 x 64 window

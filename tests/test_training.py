@@ -18,7 +18,7 @@ import tensorflow as tf
 import pytest
 
 from alexnet_tf import backup as backup_lib, callbacks, preprocessing, preprocessing_layers
-from alexnet_tf import train_config, training
+from alexnet_tf import recipe, train_config, training
 from alexnet_tf import strategy as strategy_lib
 from tests.helpers import (ROOT, assert_one_line_error, history, pixel_eigenvalues, run_train,
                            settled_inputs, tiny_config, tiny_idx, write_folder_tree)
@@ -544,7 +544,7 @@ def test_a_batch_that_does_not_fit_is_one_line_saying_what_to_change(tmp_path, m
     """A model whose training step asks the allocator for 2^46 floats (256 TiB): TensorFlow's
     ResourceExhaustedError, as a batch too large for the device's or the host's memory gets,
     comes out as one TrainingError naming the batch, the variant and what to do."""
-    build_model = training.build_model
+    build_model = recipe.build_model
 
     def too_large(config, *args):
         model = build_model(config, *args)
@@ -554,7 +554,7 @@ def test_a_batch_that_does_not_fit_is_one_line_saying_what_to_change(tmp_path, m
         inputs = keras.Input(model.input_shape[1:])
         return keras.Model(inputs, model(hungry(inputs)), name=model.name)
 
-    monkeypatch.setattr(training, "build_model", too_large)
+    monkeypatch.setattr(recipe, "build_model", too_large)
     with pytest.raises(train_config.TrainingError) as e:
         training.train_and_evaluate(tiny_config(tmp_path), str(tmp_path / "run"))
     message = str(e.value)
