@@ -39,7 +39,8 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-# The pixel statistics of the IDX datasets (others: None, and the preprocessing decides).
+# The pixel statistics of the IDX datasets, read from the IDX files or from TFDS (where the IDX
+# files are absent, as on Colab); other sources: None, and the preprocessing decides.
 IDX_MEAN_STD = {"fashion_mnist": preprocessing.FASHION_MNIST_MEAN_STD,
                 "mnist": preprocessing.MNIST_MEAN_STD}
 # Datasets whose images are not mirror-symmetric (digits): trained without flips.
@@ -273,7 +274,8 @@ def _tfds_split(name, split, data_dir, decode=False):
     info = DatasetInfo(
         f"tfds:{name}", SourceKind.TFDS, list(features["label"].names), shape[-1] or 3, size,
         splits[split].num_examples if split in splits else None,
-        flippable=not name.startswith(UNFLIPPABLE), encoded=not decode)
+        mean_std=IDX_MEAN_STD.get(name), flippable=not name.startswith(UNFLIPPABLE),
+        encoded=not decode)
 
     def items(training, seed, input_context):
         read_config = tfds.ReadConfig(shuffle_seed=seed, input_context=input_context)

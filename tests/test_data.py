@@ -279,6 +279,28 @@ def test_tfds_source_with_mock_data():
     assert images.shape == (8, 32, 32, 3) and labels.max() < 10
 
 
+@pytest.mark.parametrize("kind, names, mean_std, flip", [
+    # Fashion-MNIST's and MNIST's published training-set statistics, 0.2860/0.3530 and
+    # 0.1307/0.3081 of the pixel range; digits are not mirrored.
+    ("fashion_mnist", ("T-shirt/top", "Ankle boot"), (0.2860 * 255, 0.3530 * 255), True),
+    ("mnist", ("0", "9"), (0.1307 * 255, 0.3081 * 255), False),
+])
+def test_without_the_debian_package_tfds_gives_the_idx_files_normalisation(
+        monkeypatch, tmp_path, kind, names, mean_std, flip):
+    """Where Debian's IDX files are absent (Colab), fashion_mnist and mnist come from TFDS, and
+    the run preprocesses them as it would the IDX files: same statistics, same flips."""
+    tfds = require("tensorflow_datasets")
+    monkeypatch.setitem(sources.IDX_DIRS, kind, str(tmp_path / "absent"))
+    with tfds.testing.mock_data(num_examples=8, data_dir=str(tmp_path / "tfds")):
+        info = sources.Source(kind).info("train")
+    assert info.source == f"tfds:{kind}"
+    assert (info.class_names[0], info.class_names[-1]) == names
+    pre = inputs.preprocess_config(info)
+    assert pre.mean == pytest.approx((mean_std[0],), abs=0.02)
+    assert pre.std == pytest.approx((mean_std[1],), abs=0.02)
+    assert pre.flip is flip
+
+
 @pytest.mark.parametrize("source, message", [
     ("imagenet", "unknown dataset 'imagenet'"),
     ("folder:", "needs a value after 'folder:'"),
