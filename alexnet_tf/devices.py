@@ -7,8 +7,11 @@ machine without one.
 
 import dataclasses
 import functools
+import os
 
 import tensorflow as tf
+
+from alexnet_tf.keras_compat import onednn_enabled
 
 # Compute capabilities of the tensor cores' reduced precisions (NVIDIA): bfloat16 from Ampere
 # (8.0), float16 from Volta (7.0). CPUs: bfloat16 where oneDNN has bf16 instructions; elsewhere
@@ -16,6 +19,12 @@ import tensorflow as tf
 BFLOAT16_CAPABILITY = (8, 0)
 FLOAT16_CAPABILITY = (7, 0)
 CPU_BFLOAT16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+# The values of oneDNN's ONEDNN_MAX_CPU_ISA that still let it use bf16 instructions (any lower
+# cap, such as AVX2 or AVX512_CORE, leaves bf16 emulated).
+BFLOAT16_ISA_CAPS = frozenset({
+    "", "ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512", "AVX10_2_512_AMX_2"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +35,15 @@ class DeviceFacts:
         gpus: the compute capability (major, minor) of each visible GPU; () on a CPU-only
             machine.
         cpu_flags: the CPU's feature flags (/proc/cpuinfo), lower case.
+        onednn: whether TensorFlow runs its oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS).
+        onednn_max_isa: the instruction set oneDNN is capped at (ONEDNN_MAX_CPU_ISA, upper
+            case; "" when not capped).
     """
 
     gpus: tuple = ()
     cpu_flags: frozenset = frozenset()
+    onednn: bool = True
+    onednn_max_isa: str = ""
 
     @classmethod
     def of_this_machine(cls, cpuinfo="/proc/cpuinfo"):
@@ -46,7 +60,8 @@ def _facts(cpuinfo):
                                    "").split())
     except OSError:
         flags = frozenset()
-    return DeviceFacts(gpus, flags)
+    return DeviceFacts(gpus, flags, onednn_enabled(),
+                       os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper())
 
 
 def lrn_implementation(facts):
@@ -69,7 +84,11 @@ def mixed_precision(facts):
         if capability >= BFLOAT16_CAPABILITY:
             return "bfloat16"
         return "float16" if capability >= FLOAT16_CAPABILITY else "none"
-    return "bfloat16" if facts.cpu_flags & CPU_BFLOAT16_FLAGS else "none"
+    # A CPU computes bf16 natively only through oneDNN, and only when oneDNN may use the bf16
+    # instructions: with its kernels off (Eigen's) or capped below them, bf16 is emulated.
+    native = (facts.cpu_flags & CPU_BFLOAT16_FLAGS and facts.onednn
+              and facts.onednn_max_isa in BFLOAT16_ISA_CAPS)
+    return "bfloat16" if native else "none"
 
 
 def replica_devices(facts, cpu_devices):

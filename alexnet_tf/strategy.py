@@ -34,7 +34,8 @@ def native_mixed_precision(cpuinfo="/proc/cpuinfo"):
 
     GPUs: bfloat16 from compute capability 8.0 (Ampere), float16 on 7.x (Volta/Turing tensor
     cores). CPUs: bfloat16 where oneDNN has bf16 instructions (AMX or AVX512_BF16, e.g. Intel
-    Sapphire Rapids, AMD Zen 4); elsewhere bf16 is emulated and slower than float32, so "none".
+    Sapphire Rapids, AMD Zen 4), its kernels are on and ONEDNN_MAX_CPU_ISA does not cap them
+    below those; elsewhere bf16 is emulated and slower than float32, so "none".
     """
     return devices.mixed_precision(devices.DeviceFacts.of_this_machine(cpuinfo))
 

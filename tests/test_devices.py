@@ -1,5 +1,7 @@
 """The choices made from the machine's facts (alexnet_tf.devices), for GPUs this machine lacks."""
 
+import dataclasses
+
 import keras
 import pytest
 
@@ -53,6 +55,32 @@ def test_steps_per_call_divide_the_epoch_and_are_one_with_several_replicas(
     # An epoch must end at a call's end; Keras 3 fails calls of several steps with several
     # replicas.
     assert devices.steps_per_execution(MACHINES["H100"], steps_per_epoch, replicas) == expected
+
+
+@pytest.mark.parametrize("onednn, max_isa, precision", [
+    (True, "", "bfloat16"),
+    (True, "AVX512_CORE_AMX", "bfloat16"),
+    (True, "AVX512_CORE_BF16", "bfloat16"),
+    # Capped below the bf16 instructions, or Eigen's kernels: bf16 would be emulated.
+    (True, "AVX2", "none"),
+    (True, "AVX512_CORE", "none"),
+    (False, "", "none"),
+])
+def test_a_cpu_computes_bfloat16_only_where_onednn_may_use_its_instructions(
+        onednn, max_isa, precision):
+    facts = dataclasses.replace(MACHINES["CPU with AMX"], onednn=onednn, onednn_max_isa=max_isa)
+    assert devices.mixed_precision(facts) == precision
+
+
+def test_the_onednn_facts_are_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", " avx2")
+    devices._facts.cache_clear()
+    try:
+        facts = DeviceFacts.of_this_machine()
+    finally:
+        devices._facts.cache_clear()
+    assert facts.onednn_max_isa == "AVX2"
+    assert devices.mixed_precision(facts) == "none"
 
 
 def test_this_machines_facts_are_read_from_its_cpuinfo(tmp_path):
