@@ -195,17 +195,7 @@ class Source:
     def _split(self, split):
         split = SPLIT_ALIASES.get(split, split)
         if split not in self._splits:
-            if self.kind in IDX_DIRS:
-                found = _idx_split(self.kind, self.arg, split, self.data_dir)
-            elif self.kind == "tfds":
-                found = _tfds_split(self.arg, split, self.data_dir)
-            elif self.kind == "folder":
-                found = _folder_split(self.arg, split)
-            elif self.kind == "prepared":
-                found = _prepared_split(self.arg, split)
-            else:
-                found = _tfrecord_split(self.arg, split, self.num_classes)
-            self._splits[split] = found
+            self._splits[split] = READERS[self.kind](self, split)
         return self._splits[split]
 
 
@@ -350,3 +340,16 @@ def _tfrecord_split(pattern, split, num_classes):
     names = [str(i) for i in range(num_classes)]
     info = DatasetInfo(f"tfrecord:{pattern}", SourceKind.TFRECORD, names, 3)
     return info, lambda **_: tf.data.Dataset.from_tensor_slices(files)
+
+
+# Each kind of --dataset (flag_facts.SOURCE_KINDS) and the reader of its splits:
+# reader(source, split) -> (DatasetInfo, items).
+READERS = {
+    "tfds": lambda source, split: _tfds_split(source.arg, split, source.data_dir),
+    "tfrecord": lambda source, split: _tfrecord_split(source.arg, split, source.num_classes),
+    "folder": lambda source, split: _folder_split(source.arg, split),
+    "prepared": lambda source, split: _prepared_split(source.arg, split),
+    "fashion_mnist": lambda source, split: _idx_split("fashion_mnist", source.arg, split,
+                                                      source.data_dir),
+    "mnist": lambda source, split: _idx_split("mnist", source.arg, split, source.data_dir),
+}

@@ -301,6 +301,12 @@ def test_without_the_debian_package_tfds_gives_the_idx_files_normalisation(
     assert pre.flip is flip
 
 
+def test_every_kind_the_flags_offer_has_a_reader():
+    from alexnet_tf import flag_facts
+
+    assert list(sources.READERS) == list(flag_facts.SOURCE_KINDS)
+
+
 @pytest.mark.parametrize("source, message", [
     ("imagenet", "unknown dataset 'imagenet'"),
     ("folder:", "needs a value after 'folder:'"),
