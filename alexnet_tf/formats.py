@@ -42,11 +42,11 @@ def float32_model(model):
     ONNX converter, and its variables are float32 anyway."""
     if all(layer.compute_dtype == "float32" for layer in model.layers):
         return model
-    config = model.get_config()
-    for layer in config["layers"]:
+    model_config = model.get_config()
+    for layer in model_config["layers"]:
         if "dtype" in layer["config"]:
             layer["config"]["dtype"] = "float32"
-    copy = model.__class__.from_config(config)
+    copy = model.__class__.from_config(model_config)
     copy.set_weights(model.get_weights())
     return copy
 
@@ -106,20 +106,20 @@ def write_model(model, path, fmt, quantize="none", calibration=None, int8_io=Fal
             wrapped.export(path, format=fmt, input_signature=signature, verbose=False, **options)
 
 
-def calibration_images(workdir, config, count=CALIBRATION_IMAGES):
+def calibration_images(workdir, preprocess, count=CALIBRATION_IMAGES):
     """Up to `count` of a run's training images as the model sees them in evaluation (the centre
     view of `preprocessing.eval_image`): float32 [K, S, S, C]. A class-folder tree is read in a
     fixed pseudo-random order, so that the sample holds every class."""
     try:
         dataset, _ = RunDir(workdir).dataset("train", False, count, data.Options(order_seed=0),
-                                             "int8 calibration", preprocess=config)
+                                             "int8 calibration", preprocess=preprocess)
     except RunDirError as e:
         raise serving.ExportError(str(e)) from None
-    images, _ = next(iter(data.on_host(dataset, config, training=False)))
+    images, _ = next(iter(data.on_host(dataset, preprocess, training=False)))
     return images.numpy()
 
 
-def export(model, export_dir, class_names, config, fmt, quantize="none", calibration=None,
+def export(model, export_dir, class_names, preprocess, fmt, quantize="none", calibration=None,
            int8_io=False, version=None, overwrite=False):
     """Writes `<export_dir>/<version>/` (the next version by default) with the model file of
     `fmt`, labels.txt and preprocessing.json, atomically (`serving.write_version`); returns its
@@ -138,7 +138,7 @@ def export(model, export_dir, class_names, config, fmt, quantize="none", calibra
         write_model(model, os.path.join(directory, MODEL_FILES[fmt]), fmt, quantize, calibration,
                     int8_io)
         serving.write_class_names(os.path.join(directory, "labels.txt"), class_names)
-        config.to_json(os.path.join(directory, "preprocessing.json"))
+        preprocess.to_json(os.path.join(directory, "preprocessing.json"))
 
     return serving.write_version(export_dir, write, version, overwrite)
 

@@ -75,7 +75,7 @@ def looks_complete(encoded):
 # Prepared data (prepare.py): JPEGs already at the paper's 256 x 256, windows decoded alone
 
 
-def prepared_random_crops(encoded, seed, config, stored_size=None):
+def prepared_random_crops(encoded, seed, preprocess, stored_size=None):
     """Paper §4.1's training crops of a batch of prepared JPEGs [N] (N known when tracing): for
     each, a random image_size x image_size window anywhere in the stored image, decoded alone
     (`decode_and_crop_jpeg`), not resampled. Returns uint8 [N, image_size, image_size, channels].
@@ -86,7 +86,7 @@ def prepared_random_crops(encoded, seed, config, stored_size=None):
     every image is stored_size x stored_size (prepare.py without keep_frame), so no header is
     read.
     """
-    count, size = encoded.shape[0], config.image_size
+    count, size = encoded.shape[0], preprocess.image_size
     if count is None:
         raise ValueError("prepared_random_crops needs a batch size known when tracing")
     if stored_size is None:
@@ -98,14 +98,14 @@ def prepared_random_crops(encoded, seed, config, stored_size=None):
     return tf.stack([
         tf.image.decode_and_crop_jpeg(
             encoded[i], tf.stack([offsets[i, 0], offsets[i, 1], size, size]),
-            channels=config.channels)
+            channels=preprocess.channels)
         for i in range(count)])
 
 
-def prepared_center_crop(encoded, config):
+def prepared_center_crop(encoded, preprocess):
     """The central image_size x image_size window of a prepared JPEG, decoded alone; uint8."""
     shape = tf.io.extract_jpeg_shape(encoded)
-    size = config.image_size
+    size = preprocess.image_size
     window = tf.stack([(shape[0] - size) // 2, (shape[1] - size) // 2, size, size])
-    crop = tf.image.decode_and_crop_jpeg(encoded, window, channels=config.channels)
-    return tf.ensure_shape(crop, [size, size, config.channels])
+    crop = tf.image.decode_and_crop_jpeg(encoded, window, channels=preprocess.channels)
+    return tf.ensure_shape(crop, [size, size, preprocess.channels])

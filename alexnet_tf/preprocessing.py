@@ -43,7 +43,7 @@ PCA_ALPHA_STD = 0.1  # paper §4.1: "Gaussian with mean zero and standard deviat
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
     """Everything that turns stored images into model inputs; saved with each run as JSON.
-    Frozen: a variation is `dataclasses.replace(config, ...)`, which checks it again.
+    Frozen: a variation is `dataclasses.replace(preprocess, ...)`, which checks it again.
 
     Attributes:
         image_size: side of the square crop fed to the model (paper: 227 for conv1's 55x55).
@@ -110,7 +110,7 @@ def resize_size_for(image_size):
     return 256 if image_size in (224, 227) else round(image_size * 256 / 227)
 
 
-def _window_resized(image, window_fn, config, jpeg=False):
+def _window_resized(image, window_fn, preprocess, jpeg=False):
     """Cuts the window `window_fn(shape)` = (top, left, height, width) out of an image and
     resizes it to image_size (bilinear, as Caffe and torchvision resize; antialiasing costs more
     than the JPEG decode).
@@ -118,15 +118,13 @@ def _window_resized(image, window_fn, config, jpeg=False):
     JPEG bytes: the header gives the shape and only the window is decoded
     (`decode_and_crop_jpeg`). Other bytes (PNG): full decode, then a slice. Decoded images: a
     slice. One branch per image: each `tf.cond` in a tf.data map costs about as much as the
-    resize (BENCHMARKS.md, input pipeline). `jpeg=True`
-    (bytes known to be JPEG) takes the JPEG path with no branch at all.
+    resize (BENCHMARKS.md, input pipeline). `jpeg=True` (bytes known to be JPEG): no branch.
     """
     image = tf.convert_to_tensor(image)
 
     def resized(window):
-        # float32 in: same values as resizing a uint8 window, and cheaper, as TensorFlow's
-        # bilinear kernel converts each of its four taps per output.
-        return tf.image.resize(tf.cast(window, tf.float32), [config.image_size] * 2)
+        # float32 in: the values of a uint8 window's, cheaper (the kernel converts each tap).
+        return tf.image.resize(tf.cast(window, tf.float32), [preprocess.image_size] * 2)
 
     def from_pixels(pixels):
         top, left, height, width = window_fn(tf.shape(pixels)[:2])
@@ -138,12 +136,12 @@ def _window_resized(image, window_fn, config, jpeg=False):
     def jpeg_window():
         top, left, height, width = window_fn(tf.io.extract_jpeg_shape(image)[:2])
         return resized(tf.image.decode_and_crop_jpeg(
-            image, tf.stack([top, left, height, width]), channels=config.channels))
+            image, tf.stack([top, left, height, width]), channels=preprocess.channels))
 
     if jpeg:
         return jpeg_window()
     return tf.cond(tf.io.is_jpeg(image), jpeg_window,
-                   lambda: from_pixels(decode(image, config.channels)))
+                   lambda: from_pixels(decode(image, preprocess.channels)))
 
 
 def _resize(image, height, width):
@@ -157,38 +155,39 @@ def _resize(image, height, width):
 # Training ops
 
 
-def _crop_side(short, config):
+def _crop_side(short, preprocess):
     """Side, in original pixels, of the window that becomes an image_size crop once the shorter
     side `short` is scaled to resize_size."""
-    side = tf.cast(tf.round(tf.cast(short, tf.float32) * config.image_size / config.resize_size),
-                   tf.int32)
+    scale = preprocess.image_size / preprocess.resize_size
+    side = tf.cast(tf.round(tf.cast(short, tf.float32) * scale), tf.int32)
     return tf.clip_by_value(side, 1, short)
 
 
-def paper_window(shape, seed, config):
+def paper_window(shape, seed, preprocess):
     """The window (top, left, height, width), in original pixels, of `paper_crop` for an image of
     `shape` [height, width]."""
     short = tf.minimum(shape[0], shape[1])
-    side = _crop_side(short, config)
+    side = _crop_side(short, preprocess)
     offsets = tf.random.stateless_uniform([2], seed, 0, short - side + 1, dtype=tf.int32)
     square_h, square_w = (shape[0] - short) // 2, (shape[1] - short) // 2
     return square_h + offsets[0], square_w + offsets[1], side, side
 
 
-def paper_crop(image, seed, config, jpeg=False):
+def paper_crop(image, seed, preprocess, jpeg=False):
     """Paper §2/§4.1: a random image_size window of the central square, at resize_size scale.
 
     The window is chosen in original pixel coordinates, decoded alone (JPEG) and resized, which
     equals resizing the shorter side to resize_size first and cropping after, up to resampling.
     """
-    return _window_resized(image, lambda shape: paper_window(shape, seed, config), config, jpeg)
+    window = lambda shape: paper_window(shape, seed, preprocess)  # noqa: E731
+    return _window_resized(image, window, preprocess, jpeg)
 
 
-def inception_crop(image, seed, config, jpeg=False):
+def inception_crop(image, seed, preprocess, jpeg=False):
     """Inception-style random-resized crop: 8-100% of the area, aspect ratio 3/4-4/3."""
     def window(shape):
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.concat([shape, [config.channels]], 0),
+            tf.concat([shape, [preprocess.channels]], 0),
             bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
             seed=seed,
             min_object_covered=0.0,
@@ -199,28 +198,28 @@ def inception_crop(image, seed, config, jpeg=False):
         )
         return begin[0], begin[1], size[0], size[1]
 
-    return _window_resized(image, window, config, jpeg)
+    return _window_resized(image, window, preprocess, jpeg)
 
 
-def pad_crop(image, seed, config, jpeg=False):
+def pad_crop(image, seed, preprocess, jpeg=False):
     """Small images: resize to image_size if needed, zero-pad by `pad`, random image_size crop."""
     del jpeg  # decoded whole either way
     image = tf.convert_to_tensor(image)
     if is_encoded(image):
-        image = decode(image, config.channels)
-    return pad_crop_batch(image[None], seed, config)[0]
+        image = decode(image, preprocess.channels)
+    return pad_crop_batch(image[None], seed, preprocess)[0]
 
 
-def pad_crop_batch(images, seed, config):
+def pad_crop_batch(images, seed, preprocess):
     """`pad_crop` of a batch [B, H, W, C] of same-size images, one random window per image.
 
     Vectorised (two batched gathers) because per-image map calls dominate the cost of
     augmenting 28x28 images on a 2-core machine.
     """
     images = tf.cast(images, tf.float32)
-    if images.shape[1] != config.image_size or images.shape[2] != config.image_size:
-        images = tf.image.resize(images, [config.image_size, config.image_size], antialias=True)
-    p, size = config.pad, config.image_size
+    p, size = preprocess.pad, preprocess.image_size
+    if images.shape[1] != size or images.shape[2] != size:
+        images = tf.image.resize(images, [size, size], antialias=True)
     padded = tf.pad(images, [[0, 0], [p, p], [p, p], [0, 0]])
     offsets = tf.random.stateless_uniform([tf.shape(images)[0], 2], seed, 0, 2 * p + 1, tf.int32)
     window = tf.range(size)
@@ -256,58 +255,58 @@ def pca_lighting(image, alpha, eigval, eigvec, pixel_scale=255.0):
     return image + shift[..., None, None, :]
 
 
-def normalize(image, config):
+def normalize(image, preprocess):
     """Per-channel mean subtraction (paper §2), optional std division, RGB -> BGR if asked."""
     image = tf.cast(image, tf.float32)
-    if config.bgr:
+    if preprocess.bgr:
         image = tf.reverse(image, axis=[-1])
-    mean = tf.constant(config.mean, tf.float32)
-    std = tf.constant(config.std, tf.float32)
+    std, mean = (tf.constant(v, tf.float32) for v in (preprocess.std, preprocess.mean))
     return (image - mean) / std
 
 
-def denormalize(images, config):
+def denormalize(images, preprocess):
     """Inverse of `normalize`: model inputs back to RGB in [0, 255] (for looking at them)."""
-    images = images * tf.constant(config.std, tf.float32) + tf.constant(config.mean, tf.float32)
-    return tf.reverse(images, axis=[-1]) if config.bgr else images
+    std, mean = (tf.constant(v, tf.float32) for v in (preprocess.std, preprocess.mean))
+    images = images * std + mean
+    return tf.reverse(images, axis=[-1]) if preprocess.bgr else images
 
 
-def random_crop(image, seed, config, jpeg=False):
-    """The training crop of one image by `config.crop`: "paper", "inception" or "pad".
+def random_crop(image, seed, preprocess, jpeg=False):
+    """The training crop of one image by `preprocess.crop`: "paper", "inception" or "pad".
 
     `jpeg=True` promises JPEG bytes (no format branch; other bytes fail to decode)."""
-    crop = dict(zip(CROP_SCHEMES, (paper_crop, inception_crop, pad_crop)))[config.crop]
-    image = crop(tf.convert_to_tensor(image), seed, config, jpeg=jpeg)
-    return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
+    crop = dict(zip(CROP_SCHEMES, (paper_crop, inception_crop, pad_crop)))[preprocess.crop]
+    image = crop(tf.convert_to_tensor(image), seed, preprocess, jpeg=jpeg)
+    return tf.ensure_shape(image, [preprocess.image_size] * 2 + [preprocess.channels])
 
 
-def augment_batch(images, seed, config):
+def augment_batch(images, seed, preprocess):
     """Flip, PCA lighting and normalisation of a batch of crops [B, H, W, C] in [0, 255].
 
     Done on whole batches: per-image calls of these cheap ops cost more than the JPEG decode.
     """
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
     images = tf.cast(images, tf.float32)
-    if config.flip:
+    if preprocess.flip:
         images = random_flip_batch(images, seeds[0])
-    if config.eigval is not None:
+    if preprocess.eigval is not None:
         alpha = tf.random.stateless_normal(
-            [tf.shape(images)[0], 3], seeds[1], stddev=config.pca_alpha_std)
-        images = pca_lighting(images, alpha, config.eigval, config.eigvec)
-    return normalize(images, config)
+            [tf.shape(images)[0], 3], seeds[1], stddev=preprocess.pca_alpha_std)
+        images = pca_lighting(images, alpha, preprocess.eigval, preprocess.eigvec)
+    return normalize(images, preprocess)
 
 
-def train_image(image, seed, config):
+def train_image(image, seed, preprocess):
     """Full training augmentation of one image: crop, flip, PCA lighting, normalisation.
 
     Args:
         image: encoded bytes (scalar string) or a decoded [H, W, C] image in [0, 255].
         seed: int32/int64 [2] stateless seed; the same seed gives the same augmentation.
-        config: a `PreprocessConfig`.
+        preprocess: a `PreprocessConfig`.
     """
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-    image = random_crop(image, seeds[0], config)
-    return augment_batch(image[None], seeds[1], config)[0]
+    image = random_crop(image, seeds[0], preprocess)
+    return augment_batch(image[None], seeds[1], preprocess)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,66 +330,67 @@ def center_crop(image, size):
     return image[top : top + size, left : left + size]
 
 
-def _centre_window(shape, config):
+def _centre_window(shape, preprocess):
     """The window (top, left, height, width), in original pixels, of the evaluation view of an
     image of `shape` [height, width]: the centre of the square that becomes image_size once the
     shorter side is resize_size."""
-    side = _crop_side(tf.minimum(shape[0], shape[1]), config)
+    side = _crop_side(tf.minimum(shape[0], shape[1]), preprocess)
     return (shape[0] - side) // 2, (shape[1] - side) // 2, side, side
 
 
-def eval_crop(image, config, jpeg=False):
+def eval_crop(image, preprocess, jpeg=False):
     """`eval_image` before normalisation: the centre view in [0, 255], float32.
 
     Computed as the central window of the original that becomes the centre crop (decoded alone
     for JPEG bytes), resized to image_size: equal to resizing first and cropping after, up to
     resampling, and cheaper (the full-size decode and resize are skipped).
     """
-    image = _window_resized(image, lambda shape: _centre_window(shape, config), config, jpeg)
-    return tf.ensure_shape(image, [config.image_size, config.image_size, config.channels])
+    window = lambda shape: _centre_window(shape, preprocess)  # noqa: E731
+    image = _window_resized(image, window, preprocess, jpeg)
+    return tf.ensure_shape(image, [preprocess.image_size] * 2 + [preprocess.channels])
 
 
-def eval_image(image, config, jpeg=False):
+def eval_image(image, preprocess, jpeg=False):
     """Evaluation view of one image: shorter side to resize_size, centre crop, normalise.
 
     Args:
         image: encoded JPEG/PNG bytes (scalar string), or [H, W, C] uint8 or float in [0, 255].
-        config: a `PreprocessConfig`.
+        preprocess: a `PreprocessConfig`.
         jpeg: the bytes are known to be JPEG (skips the format branch).
     """
-    return normalize(eval_crop(image, config, jpeg), config)
+    return normalize(eval_crop(image, preprocess, jpeg), preprocess)
 
 
-def eval_images(images, config):
+def eval_images(images, preprocess):
     """`eval_image` of every image of a batch of decoded images of one shape, [N, H, W, C] uint8
     or float in [0, 255], at once: one slice and one resize of the batch, no per-image loop."""
     images = tf.convert_to_tensor(images)
-    top, left, height, width = _centre_window(tf.shape(images)[1:3], config)
+    top, left, height, width = _centre_window(tf.shape(images)[1:3], preprocess)
     window = tf.cast(images[:, top : top + height, left : left + width], tf.float32)
-    resized = tf.image.resize(window, [config.image_size] * 2)
-    return normalize(tf.ensure_shape(resized, [None, config.image_size, config.image_size,
-                                               config.channels]), config)
+    resized = tf.image.resize(window, [preprocess.image_size] * 2)
+    shape = [None] + [preprocess.image_size] * 2 + [preprocess.channels]
+    return normalize(tf.ensure_shape(resized, shape), preprocess)
 
 
-def ten_crop_views(image, config):
+def ten_crop_views(image, preprocess):
     """`ten_crop` before normalisation: float32 in [0, 255]. A decoded image whose shorter side
     is already resize_size (prepared data) is not resampled: the views are slices of it."""
-    square = center_crop(resize_shorter_side(image, config.resize_size), config.resize_size)
-    s, c = config.resize_size, config.image_size
+    square = center_crop(resize_shorter_side(image, preprocess.resize_size), preprocess.resize_size)
+    s, c = preprocess.resize_size, preprocess.image_size
     offsets = [(0, 0), (0, s - c), (s - c, 0), (s - c, s - c), ((s - c) // 2, (s - c) // 2)]
     crops = tf.stack([square[t : t + c, l : l + c] for t, l in offsets])
     crops = tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
-    return tf.ensure_shape(crops, [10, c, c, config.channels])
+    return tf.ensure_shape(crops, [10, c, c, preprocess.channels])
 
 
-def ten_crop(image, config):
+def ten_crop(image, preprocess):
     """Paper §4.1 test-time views: four corners and centre of the central square, and mirrors.
 
     Returns:
         [10, image_size, image_size, C]: crops 0-4 are top-left, top-right, bottom-left,
         bottom-right and centre; crops 5-9 are their horizontal mirrors in the same order.
     """
-    return normalize(ten_crop_views(image, config), config)
+    return normalize(ten_crop_views(image, preprocess), preprocess)
 
 
 def to_uint8(images):

@@ -88,15 +88,15 @@ class InputStage(keras.layers.Layer):
     draws at S. Called on its own (a tf.data map, a notebook), it draws from a SeedGenerator.
 
     Args:
-        config: the run's `PreprocessConfig` (flip, eigen-pairs, mean/std, BGR).
+        preprocess: the run's `PreprocessConfig` (flip, eigen-pairs, mean/std, BGR).
         seed: optional int seed of the flips and lighting coefficients.
 
     Inputs are [B, H, W, C] in [0, 255]; in inference also [B, 10, H, W, C] (ten-crop views).
     """
 
-    def __init__(self, config, seed=None, **kwargs):
+    def __init__(self, preprocess, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.config = config
+        self.preprocess = preprocess
         self.seed = seed
         # Without a seed, each stage draws its own base, so that two runs differ.
         self.base_seed = seed if seed is not None else random.randrange(2**31)
@@ -107,11 +107,11 @@ class InputStage(keras.layers.Layer):
         """`step`: the step count (an int tensor) when called in a training step; the seed is
         then folded from (seed, step, replica)."""
         if not training:
-            return normalize(tf.cast(images, tf.float32), self.config)
+            return normalize(tf.cast(images, tf.float32), self.preprocess)
         # A batch [B, H, W, C]: the training pipeline's per-batch augmentation.
         if step is None:
-            return augment_batch(images, self.seed_generator.next(), self.config)
-        return augment_batch(images, step_seed(self.base_seed, step), self.config)
+            return augment_batch(images, self.seed_generator.next(), self.preprocess)
+        return augment_batch(images, step_seed(self.base_seed, step), self.preprocess)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -92,16 +92,16 @@ def _classify(model, images, class_names, top_k, ten_crop):
     }
 
 
-def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
+def build_export_archive(model, class_names, preprocess, ten_crop=False, top_k=5):
     """A `keras.export.ExportArchive` with the `serving_default` and `predict_images` endpoints.
 
     `serving_default` takes JPEG or PNG bytes and refuses, with INVALID_ARGUMENT, other bytes and
-    images that declare more than `config.max_pixels` pixels, before decoding them.
+    images that declare more than `preprocess.max_pixels` pixels, before decoding them.
 
     Args:
-        model: a Keras AlexNet taking `config.image_size` square images.
+        model: a Keras AlexNet taking `preprocess.image_size` square images.
         class_names: label strings, index = class id.
-        config: the run's `preprocessing.PreprocessConfig`.
+        preprocess: the run's `preprocessing.PreprocessConfig`.
         ten_crop: average softmax over the paper's 10 crops inside the graph.
         top_k: how many classes/scores to return.
     """
@@ -111,25 +111,26 @@ def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
     top_k = min(top_k, len(class_names))
     view = preprocessing.ten_crop if ten_crop else preprocessing.eval_image
     out_shape = [10] if ten_crop else []
-    out_shape += [config.image_size, config.image_size, config.channels]
+    out_shape += [preprocess.image_size, preprocess.image_size, preprocess.channels]
     view_spec = tf.TensorSpec(out_shape, tf.float32)
     names = [str(name) for name in class_names]
 
     def serve_bytes(image_bytes):
         # Each image's header is checked first: a request of other bytes, or of an image over
-        # config.max_pixels, fails with INVALID_ARGUMENT before any memory goes to decoding.
+        # preprocess.max_pixels, fails with INVALID_ARGUMENT before any memory goes to decoding.
         with tf.device(devices.decode_device(devices.DeviceFacts.of_this_machine())):
             images = tf.map_fn(
-                lambda b: view(decode(checked(b, config.max_pixels), config.channels), config),
+                lambda b: view(decode(checked(b, preprocess.max_pixels), preprocess.channels),
+                               preprocess),
                 image_bytes, fn_output_signature=view_spec)
         return _classify(model, images, names, top_k, ten_crop)
 
     def serve_images(images):
         # The images of a request share one shape: the centre view is cut from all at once.
         if ten_crop:
-            images = tf.map_fn(lambda x: view(x, config), images, fn_output_signature=view_spec)
+            images = tf.map_fn(lambda x: view(x, preprocess), images, fn_output_signature=view_spec)
         else:
-            images = preprocessing.eval_images(images, config)
+            images = preprocessing.eval_images(images, preprocess)
         return _classify(model, images, names, top_k, ten_crop)
 
     archive = keras.export.ExportArchive()
@@ -144,7 +145,7 @@ def build_export_archive(model, class_names, config, ten_crop=False, top_k=5):
             input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         archive.add_endpoint(
             "predict_images", serve_images,
-            input_signature=[tf.TensorSpec([None, None, None, config.channels], tf.float32,
+            input_signature=[tf.TensorSpec([None, None, None, preprocess.channels], tf.float32,
                                            name="images")])
     return archive
 
@@ -198,11 +199,11 @@ def write_class_names(path, class_names):
         f.write("\n".join(str(name) for name in class_names) + "\n")
 
 
-def export_saved_model(model, export_dir, class_names, config, version=None, ten_crop=False,
+def export_saved_model(model, export_dir, class_names, preprocess, version=None, ten_crop=False,
                        overwrite=False, top_k=5):
     """Writes the SavedModel of `build_export_archive` as `<export_dir>/<version>/` (the next
     version by default), atomically (`write_version`), and returns its path."""
-    archive = build_export_archive(model, class_names, config, ten_crop=ten_crop, top_k=top_k)
+    archive = build_export_archive(model, class_names, preprocess, ten_crop=ten_crop, top_k=top_k)
 
     def write(directory):
         # Saving traces the endpoints' functions again (without this, the test for standard ops

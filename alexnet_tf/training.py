@@ -31,11 +31,11 @@ from alexnet_tf.train_config import RESUME_SETTINGS, TrainingError
 # The run
 
 
-def _write_image_grid(run, dataset, config):
+def _write_image_grid(run, dataset, preprocess):
     """Logs a grid of augmented training images to TensorBoard (de-normalised for viewing)."""
     images, _ = next(iter(dataset.take(1)))
-    stage = preprocessing_layers.InputStage(config)
-    images = preprocessing.denormalize(stage(images[:16], training=True), config)
+    stage = preprocessing_layers.InputStage(preprocess)
+    images = preprocessing.denormalize(stage(images[:16], training=True), preprocess)
     with tf.summary.create_file_writer(os.path.join(run.tensorboard, "train")).as_default():
         tf.summary.image("augmented_training_images", tf.clip_by_value(images / 255.0, 0, 1),
                          step=0, max_outputs=16)

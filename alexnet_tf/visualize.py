@@ -73,18 +73,18 @@ def filter_grid(kernel, groups=1, scale=None):
                            for i, p in enumerate(panels)], axis=1)
 
 
-def augmentation_grid(images, config, cols=8, scale=None):
+def augmentation_grid(images, preprocess, cols=8, scale=None):
     """A batch of training-pipeline outputs (normalised) as an image grid in RGB.
 
     Args:
         images: [N, H, W, C] model inputs, as the training pipeline yields them.
-        config: the run's `PreprocessConfig` (to undo the normalisation).
+        preprocess: the run's `PreprocessConfig` (to undo the normalisation).
         cols: images per row.
         scale: upscaling factor; default makes small images about 84 pixels wide.
     """
     from alexnet_tf import preprocessing
 
-    rgb = np.asarray(preprocessing.denormalize(np.asarray(images, np.float32), config))
+    rgb = np.asarray(preprocessing.denormalize(np.asarray(images, np.float32), preprocess))
     rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
     if rgb.shape[-1] == 1:
         rgb = np.repeat(rgb, 3, axis=-1)

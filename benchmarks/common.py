@@ -315,15 +315,15 @@ def seeded_export(export_dir, variant, jpegs):
     keras.utils.set_random_seed(0)
     model = alexnet_tf.AlexNet(variant=variant)
     size = DEFAULT_IMAGE_SIZE[variant]
-    config = preprocessing.PreprocessConfig(image_size=size,
+    preprocess = preprocessing.PreprocessConfig(image_size=size,
                                             resize_size=preprocessing.resize_size_for(size))
     # The pixels a TensorFlow client decodes: the ones serving_default decodes in its graph.
     images = np.stack([tf.io.decode_jpeg(data).numpy() for data in jpegs])
-    views = preprocessing.eval_images(images, config).numpy()
+    views = preprocessing.eval_images(images, preprocess).numpy()
     recentre_classifier(model, views, sharpness=200)
     path = serving.export_saved_model(model, export_dir, [f"class{i}" for i in range(1000)],
-                                      config, version=1)
-    return model, config, path, images, views
+                                      preprocess, version=1)
+    return model, preprocess, path, images, views
 
 
 def serving_session(export, signature):

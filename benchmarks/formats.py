@@ -22,7 +22,6 @@ output), ONNX and OpenVINO IR. For each it prints:
   float32 (INFERENCE_PRECISION_HINT).
 """
 
-import json
 import os
 import sys
 
@@ -43,7 +42,7 @@ EXPORTS = (("saved_model", "none"), ("litert", "none"), ("litert", "dynamic"),
 PHOTO_SIDE = 256
 
 
-def export_all(model, class_names, config, root, calibration):
+def export_all(model, class_names, preprocess, root, calibration):
     """{(format, quantize): version directory} of every format, exported unless present."""
     from alexnet_tf import formats, serving
 
@@ -53,9 +52,9 @@ def export_all(model, class_names, config, root, calibration):
         version = os.path.join(base, "1")
         if not os.path.isdir(version):
             if fmt == "saved_model":
-                serving.export_saved_model(model, base, class_names, config, version=1)
+                serving.export_saved_model(model, base, class_names, preprocess, version=1)
             else:
-                formats.export(model, base, class_names, config, fmt, quantize=quantize,
+                formats.export(model, base, class_names, preprocess, fmt, quantize=quantize,
                                calibration=calibration, version=1)
         versions[fmt, quantize] = version
     return versions
@@ -99,17 +98,17 @@ def fashion_mnist_rows(root):
     import numpy as np
 
     from alexnet_tf import formats, preprocessing, serving, sources
+    from alexnet_tf.rundir import RunDir
 
-    model, class_names, config = serving.load_run(FLAGS.workdir, "best")
-    calibration = formats.calibration_images(FLAGS.workdir, config)
-    versions = export_all(model, class_names, config, os.path.join(root, "fashion_mnist"),
+    model, class_names, preprocess = serving.load_run(FLAGS.workdir, "best")
+    calibration = formats.calibration_images(FLAGS.workdir, preprocess)
+    versions = export_all(model, class_names, preprocess, os.path.join(root, "fashion_mnist"),
                           calibration)
     images, labels = (sources.read_idx(os.path.join(sources.IDX_DIRS["fashion_mnist"], name))
                       for name in sources.IDX_FILES["test"])
     pixels = images[..., None].astype(np.float32)
-    views = preprocessing.eval_images(pixels, config).numpy()
-    with open(os.path.join(FLAGS.workdir, "config.json")) as f:
-        precision = json.load(f).get("mixed_precision")
+    views = preprocessing.eval_images(pixels, preprocess).numpy()
+    precision = RunDir(FLAGS.workdir).train_config().mixed_precision
     print(f"\nFashion-MNIST run {FLAGS.workdir} (--mixed_precision={precision}), "
           f"{len(labels)} test images")
     print(f"{'format':<22}{'MB':>8}{'accuracy':>10}{'agrees':>9}{'p50 ms':>9}{'p99 ms':>9}")
@@ -139,12 +138,12 @@ def imagenet_rows(root, variant):
     keras.utils.set_random_seed(0)
     model = alexnet_tf.AlexNet(variant=variant)
     size = DEFAULT_IMAGE_SIZE[variant]
-    config = preprocessing.PreprocessConfig(image_size=size,
+    preprocess = preprocessing.PreprocessConfig(image_size=size,
                                             resize_size=preprocessing.resize_size_for(size))
     photos = np.stack([tf.io.decode_jpeg(jpeg).numpy()
                        for jpeg in common.request_images(32, PHOTO_SIDE)]).astype(np.float32)
-    views = preprocessing.eval_images(photos, config).numpy()
-    versions = export_all(model, [f"class{i}" for i in range(1000)], config,
+    views = preprocessing.eval_images(photos, preprocess).numpy()
+    versions = export_all(model, [f"class{i}" for i in range(1000)], preprocess,
                           os.path.join(root, variant), views)
     print(f"\n{variant} (seeded; int8 calibrated on {len(views)} photographs)")
     print(f"{'format':<22}{'MB':>8}{'p50 ms':>9}{'p99 ms':>9}")

@@ -47,9 +47,9 @@ def export_untrained(variant, directory):
 
     model = alexnet_tf.AlexNet(variant=variant)
     size = DEFAULT_IMAGE_SIZE[variant]
-    config = preprocessing.PreprocessConfig(image_size=size,
+    preprocess = preprocessing.PreprocessConfig(image_size=size,
                                             resize_size=preprocessing.resize_size_for(size))
-    path = serving.export_saved_model(model, directory, [str(i) for i in range(1000)], config,
+    path = serving.export_saved_model(model, directory, [str(i) for i in range(1000)], preprocess,
                                       version=1)
     return path, model
 

@@ -89,7 +89,7 @@ def main(argv):
           f"batch {FLAGS.batch_size}; TF_ENABLE_ONEDNN_OPTS={onednn}")
     prepared = common.prepare_once(root)
     autotune = tf.data.AUTOTUNE
-    config = preprocessing.PreprocessConfig()  # the paper's 227 crops of 256
+    preprocess = preprocessing.PreprocessConfig()  # the paper's 227 crops of 256
 
     paths = tf.data.Dataset.from_tensor_slices(files).repeat()
     decode_only = (paths
@@ -101,7 +101,7 @@ def main(argv):
     decode_resize = (paths
                      .map(lambda p: tf.image.resize(
                          tf.io.decode_jpeg(tf.io.read_file(p), channels=3),
-                         [config.image_size, config.image_size]),
+                         [preprocess.image_size, preprocess.image_size]),
                      num_parallel_calls=autotune, deterministic=False)
                      .batch(FLAGS.batch_size).prefetch(autotune))
     crop, flip = keras.layers.RandomCrop(227, 227), keras.layers.RandomFlip("horizontal")
@@ -112,9 +112,9 @@ def main(argv):
              .map(lambda x: flip(crop(x, training=True), training=True), num_parallel_calls=autotune)
              .prefetch(autotune))
     photos = sources.Source(f"folder:{root}")
-    train_uint8, _ = data.make_dataset(photos, "train", True, FLAGS.batch_size, config,
+    train_uint8, _ = data.make_dataset(photos, "train", True, FLAGS.batch_size, preprocess,
                                        data.Options(repeat=True))
-    train = data.on_host(train_uint8, config, True)
+    train = data.on_host(train_uint8, preprocess, True)
     shards = tf.data.Dataset.from_tensor_slices(
         sorted(tf.io.gfile.glob(os.path.join(prepared, "train-*")))).repeat()
     prepared_decode = (
@@ -129,9 +129,9 @@ def main(argv):
     prepared_train, _ = data.make_dataset(prepared_source, "train", True, FLAGS.batch_size,
                                           prepared_config,
                                           data.Options(repeat=True))
-    evaluation, _ = data.make_dataset(photos, "train", False, FLAGS.batch_size, config,
+    evaluation, _ = data.make_dataset(photos, "train", False, FLAGS.batch_size, preprocess,
                                       data.Options(repeat=True))
-    evaluation = data.on_host(evaluation, config, False)
+    evaluation = data.on_host(evaluation, preprocess, False)
 
     pipelines = [("decode-only", decode_only), ("decode+resize", decode_resize), ("train", train),
                  ("train, uint8", train_uint8), ("naive-train", naive), ("eval", evaluation),
@@ -144,13 +144,13 @@ def main(argv):
         def window_decode(x, s):
             # Where the window lies matters: rows below it are never decoded, rows above it are
             # Huffman-decoded and skipped (a window at the top of the image decodes faster).
-            window = preprocessing.paper_window(tf.io.extract_jpeg_shape(x)[:2], s, config)
+            window = preprocessing.paper_window(tf.io.extract_jpeg_shape(x)[:2], s, preprocess)
             return tf.shape(tf.image.decode_and_crop_jpeg(x, tf.stack(window), channels=3))
 
         floor = paths.map(lambda p: tf.io.extract_jpeg_shape(tf.io.read_file(p)),
                           num_parallel_calls=autotune)
         window = encoded.map(window_decode, num_parallel_calls=autotune)
-        paper = encoded.map(lambda x, s: preprocessing.paper_crop(x, s, config, jpeg=True),
+        paper = encoded.map(lambda x, s: preprocessing.paper_crop(x, s, preprocess, jpeg=True),
                             num_parallel_calls=autotune)
         pipelines += [("ablation: read + JPEG header + batch", floor.batch(FLAGS.batch_size)),
                       ("ablation: decode paper_crop's window", window.batch(FLAGS.batch_size)),

@@ -36,12 +36,12 @@ def main():
         with open(paths[name], "wb") as f:
             f.write(content)
     model = model_lib.AlexNet(10, "paper", init="keras")
-    config = preprocessing.PreprocessConfig()
-    print(f"| image | bytes | budget | peak MB | answer |\n|---|---|---|---|---|")
+    preprocess = preprocessing.PreprocessConfig()
+    print("| image | bytes | budget | peak MB | answer |\n|---|---|---|---|---|")
     for budget in (flag_facts.MAX_PIXELS, 10**9):
         export = serving.export_saved_model(
             model, os.path.join(work, f"budget{budget}"), [str(i) for i in range(10)],
-            dataclasses.replace(config, max_pixels=budget))
+            dataclasses.replace(preprocess, max_pixels=budget))
         for name, path in paths.items():
             status, _, stderr, peak = run_measured(
                 [sys.executable, os.path.join(ROOT, "tests", "serve_files.py"), export, path],

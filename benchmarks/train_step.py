@@ -13,7 +13,6 @@ so only the model is measured.
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
