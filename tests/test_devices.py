@@ -72,13 +72,11 @@ def test_a_cpu_computes_bfloat16_only_where_onednn_may_use_its_instructions(
     assert devices.mixed_precision(facts) == precision
 
 
-def test_the_onednn_facts_are_read_from_the_environment(monkeypatch):
+def test_the_onednn_facts_are_read_from_the_environment(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"  # a file of its own: facts are read once per file
+    cpuinfo.write_text("flags\t\t: avx2 amx_bf16\n")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", " avx2")
-    devices._facts.cache_clear()
-    try:
-        facts = DeviceFacts.of_this_machine()
-    finally:
-        devices._facts.cache_clear()
+    facts = DeviceFacts.of_this_machine(str(cpuinfo))
     assert facts.onednn_max_isa == "AVX2"
     assert devices.mixed_precision(facts) == "none"
 
