@@ -76,6 +76,14 @@ def dense_implementation(facts):
     return "tf" if facts.gpus else "eigen"
 
 
+def conv_gradients(facts):
+    """How the convolutions' training gradients are computed: "tf" (TensorFlow's backprop
+    kernels), or "forward" as forward convolutions (`layers.conv2d_forward_gradients`) on a CPU
+    without oneDNN, where Eigen's backprop kernels take about twice as long as forward
+    convolutions doing the same work (BENCHMARKS.md); oneDNN's are fast."""
+    return "forward" if not facts.gpus and not facts.onednn else "tf"
+
+
 def mixed_precision(facts):
     """The reduced precision the machine computes natively: "bfloat16", "float16" or "none".
     With several GPUs, the least capable decides: every replica runs the same policy."""

@@ -66,6 +66,32 @@ def eigen_matmul(x, w):
     return y, grad
 
 
+def conv2d_forward_gradients(x, kernel, padding):
+    """`tf.nn.conv2d(x, kernel, 1, padding)` (stride and dilation 1, ungrouped) whose gradients
+    are forward convolutions: the input gradient convolves dy with the kernel flipped and its
+    channels swapped; the kernel gradient convolves x, batch and channels swapped, with dy as the
+    kernel. Same values as TensorFlow's backprop kernels up to float32 summation order; on a CPU
+    without oneDNN about twice as fast as Eigen's (BENCHMARKS.md).
+    """
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    top, left = ((kh - 1) // 2, (kw - 1) // 2) if padding == "SAME" else (0, 0)
+    bottom, right = ((kh - 1 - top, kw - 1 - left) if padding == "SAME" else (0, 0))
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        def grad(dy):
+            flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+            dx = tf.nn.conv2d(dy, flipped, 1, [[0, 0], [kh - 1 - top, kh - 1 - bottom],
+                                               [kw - 1 - left, kw - 1 - right], [0, 0]])
+            dw = tf.nn.conv2d(tf.transpose(x, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), 1,
+                              [[0, 0], [top, bottom], [left, right], [0, 0]])
+            return dx, tf.transpose(dw, [1, 2, 0, 3])
+
+        return tf.nn.conv2d(x, kernel, 1, padding), grad
+
+    return conv(x, kernel)
+
+
 @keras.saving.register_keras_serializable(package="alexnet_tf")
 class Dense(keras.layers.Dense):
     """`keras.layers.Dense` whose float32 matmul runs on Eigen's CPU GEMM instead of oneDNN's in
@@ -117,7 +143,34 @@ class Dense(keras.layers.Dense):
 
 
 @keras.saving.register_keras_serializable(package="alexnet_tf")
-class GroupedConv2D(keras.layers.Conv2D):
+class Conv2D(keras.layers.Conv2D):
+    """`keras.layers.Conv2D` (channels_last) whose training gradients are forward convolutions
+    (`conv2d_forward_gradients`) where `devices.conv_gradients` says so: on a CPU without
+    oneDNN, for stride and dilation 1. Same weights and values; anything traced inside
+    `standard_ops()` (exports) is one plain `tf.nn.conv2d`."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._forward_gradients = (
+            devices.conv_gradients(devices.DeviceFacts.of_this_machine()) == "forward"
+            and tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1))
+
+    def _conv(self, inputs, kernel):
+        padding = self.padding.upper()
+        if (self._forward_gradients and not using_standard_ops()
+                and kernel.shape[2] == inputs.shape[-1]):
+            return conv2d_forward_gradients(inputs, tf.convert_to_tensor(kernel), padding)
+        return tf.nn.conv2d(inputs, kernel, strides=[1, *self.strides, 1], padding=padding,
+                            dilations=[1, *self.dilation_rate, 1])
+
+    def convolution_op(self, inputs, kernel):
+        """Keras' Conv2D.call convolves through this: one tf.nn.conv2d (of the grouped kernel
+        in GroupedConv2D's "native"; its "split" computes the towers in call())."""
+        return self._conv(inputs, kernel)
+
+
+@keras.saving.register_keras_serializable(package="alexnet_tf")
+class GroupedConv2D(Conv2D):
     """A `keras.layers.Conv2D` with `groups`, computed as the paper's towers instead of Keras'
     XLA path.
 
@@ -158,15 +211,6 @@ class GroupedConv2D(keras.layers.Conv2D):
                 "(TF_ENABLE_ONEDNN_OPTS=1) or a GPU: the plain CPU kernel rejects fused grouped "
                 "convolutions (tensorflow#53631); use implementation='split'")
         super().build(input_shape)
-
-    def _conv(self, inputs, kernel):
-        return tf.nn.conv2d(inputs, kernel, strides=[1, *self.strides, 1],
-                            padding=self.padding.upper(), dilations=[1, *self.dilation_rate, 1])
-
-    def convolution_op(self, inputs, kernel):
-        """Keras' Conv2D.call convolves through this: one tf.nn.conv2d, of the grouped kernel
-        with "native" (call() computes the towers itself with "split")."""
-        return self._conv(inputs, kernel)
 
     def call(self, inputs):
         if self.groups == 1 or self.implementation == "native":

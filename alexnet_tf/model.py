@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from alexnet_tf import layers as alexnet_layers
 from alexnet_tf.flag_facts import DEFAULT_IMAGE_SIZE, INITS, VARIANTS
-from alexnet_tf.layers import GroupedConv2D
+from alexnet_tf.layers import Conv2D, GroupedConv2D
 from alexnet_tf.lrn import LRN_PRESETS, LocalResponseNormalization
 
 
@@ -120,7 +120,7 @@ class _Blocks:
         if groups > 1:
             return GroupedConv2D(filters, kernel_size, groups=groups,
                                  implementation=self.grouped_conv_implementation, **kwargs)(x)
-        return keras.layers.Conv2D(filters, kernel_size, **kwargs)(x)
+        return Conv2D(filters, kernel_size, **kwargs)(x)
 
     def norm(self, x, name):
         if self.lrn is None:

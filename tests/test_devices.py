@@ -72,6 +72,17 @@ def test_a_cpu_computes_bfloat16_only_where_onednn_may_use_its_instructions(
     assert devices.mixed_precision(facts) == precision
 
 
+@pytest.mark.parametrize("machine, onednn, gradients", [
+    ("CPU with AVX2", False, "forward"),  # Eigen's backprop kernels
+    ("CPU with AVX2", True, "tf"),
+    ("CPU with AMX", True, "tf"),
+    ("H100", False, "tf"),
+])
+def test_convolution_gradients_are_forward_convolutions_only_on_eigen(machine, onednn, gradients):
+    facts = dataclasses.replace(MACHINES[machine], onednn=onednn)
+    assert devices.conv_gradients(facts) == gradients
+
+
 def test_the_onednn_facts_are_read_from_the_environment(tmp_path, monkeypatch):
     cpuinfo = tmp_path / "cpuinfo"  # a file of its own: facts are read once per file
     cpuinfo.write_text("flags\t\t: avx2 amx_bf16\n")

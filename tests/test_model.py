@@ -236,6 +236,75 @@ def test_dense_trains_on_eigen_on_cpu_and_uses_standard_matmul_otherwise():
     assert "SparseMatMul" not in ops_in(lambda x: plain(x, training=True), spec)
 
 
+def numpy_conv_and_gradients(x, w, upstream, padding):
+    """Stride-1 convolution (cross-correlation, as TensorFlow's) of x [B, H, W, Ci] with w [kh,
+    kw, Ci, Co], and the gradients of sum(y * upstream) by x and w, as loops over the kernel's
+    taps in float64: y[o] = sum_a xpad[o + a] w[a], dx = sum over taps of upstream moved back,
+    dw[a] = sum_o xpad[o + a] upstream[o]. SAME pads (k - 1) // 2 before and the rest after."""
+    kh, kw = w.shape[:2]
+    top, left = ((kh - 1) // 2, (kw - 1) // 2) if padding == "SAME" else (0, 0)
+    bottom, right = (kh - 1 - top, kw - 1 - left) if padding == "SAME" else (0, 0)
+    xpad = np.pad(x.astype(np.float64), [(0, 0), (top, bottom), (left, right), (0, 0)])
+    oh, ow = xpad.shape[1] - kh + 1, xpad.shape[2] - kw + 1
+    y = np.zeros(upstream.shape)
+    dxpad, dw = np.zeros(xpad.shape), np.zeros(w.shape)
+    for i in range(kh):
+        for j in range(kw):
+            window = xpad[:, i:i + oh, j:j + ow]
+            y += window @ w[i, j]
+            dxpad[:, i:i + oh, j:j + ow] += upstream @ w[i, j].T
+            dw[i, j] = np.einsum("bhwc,bhwo->co", window, upstream)
+    dx = dxpad[:, top:top + x.shape[1], left:left + x.shape[2]]
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("kernel, padding", [(5, "SAME"), (4, "SAME"), (3, "VALID"), (1, "SAME")])
+def test_forward_gradient_convolution_matches_numpy(kernel, padding):
+    from alexnet_tf.layers import conv2d_forward_gradients
+
+    rng = np.random.default_rng(kernel)
+    x = rng.normal(size=(2, 7, 6, 3)).astype(np.float32)
+    w = rng.normal(size=(kernel, kernel, 3, 4)).astype(np.float32)
+    out_shape = (2, 7, 6, 4) if padding == "SAME" else (2, 7 - kernel + 1, 6 - kernel + 1, 4)
+    upstream = rng.normal(size=out_shape).astype(np.float32)
+    y_ref, dx_ref, dw_ref = numpy_conv_and_gradients(x, w, upstream, padding)
+    xt, wt = tf.constant(x), tf.constant(w)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, wt])
+        y = conv2d_forward_gradients(xt, wt, padding)
+    dx, dw = tape.gradient(y, [xt, wt], output_gradients=upstream)
+    np.testing.assert_allclose(y.numpy(), y_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx.numpy(), dx_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw.numpy(), dw_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_convolutions_train_on_forward_gradients_only_without_onednn(onednn, monkeypatch):
+    from alexnet_tf import devices
+    from alexnet_tf.layers import Conv2D, standard_ops
+
+    facts = devices.DeviceFacts(cpu_flags=frozenset({"avx2"}), onednn=onednn)
+    monkeypatch.setattr(devices.DeviceFacts, "of_this_machine",
+                        classmethod(lambda cls, *a: facts))
+    spec = tf.TensorSpec([None, 8, 8, 3], tf.float32)
+    layer, strided = Conv2D(4, 3, padding="same"), Conv2D(4, 3, strides=2)
+    layer.build(spec.shape)
+    strided.build(spec.shape)
+
+    def gradient_ops(conv):
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(conv(x))
+            return tape.gradient(loss, conv.kernel)
+        return ops_in(step, spec)
+
+    backprop = {"Conv2DBackpropFilter", "Conv2DBackpropInput"}
+    assert bool(backprop & gradient_ops(layer)) is onednn
+    assert backprop & gradient_ops(strided)  # stride 2: TensorFlow's kernels
+    with standard_ops():
+        assert backprop & gradient_ops(layer)
+
+
 def test_dense_keeps_keras_path_under_mixed_precision():
     from alexnet_tf.layers import Dense
 
