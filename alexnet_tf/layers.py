@@ -1,4 +1,5 @@
-"""Layers that keep AlexNet on TensorFlow's fast kernels: grouped convolution and dense layers.
+"""Layers that keep AlexNet on TensorFlow's fast kernels: convolutions, grouped convolution and
+dense layers.
 
 Keras 3's `Conv2D(groups>1)` on the TensorFlow backend wraps the convolution in an XLA-compiled
 function on CPU, several times slower than plain convolutions of the same size. `GroupedConv2D`
@@ -6,8 +7,10 @@ computes the groups as the paper's towers of plain convolutions instead, which e
 CPU and GPU kernel runs.
 
 On CPU, oneDNN's float32 GEMM is slow for the fully connected layers' short, wide products at
-small batches, and Eigen's is faster: `Dense` routes them there in training. BENCHMARKS.md has
-the measurements behind both.
+small batches, and Eigen's is faster: `Dense` routes them there in training. Without oneDNN,
+Eigen's convolution backprop kernels take about twice as long as forward convolutions of the
+same work: `Conv2D` computes its training gradients as forward convolutions there. BENCHMARKS.md
+has the measurements behind each.
 """
 
 import contextlib
