@@ -422,7 +422,12 @@ def test_bad_flags_exit_with_one_line(tmp_path, args, message):
 
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="CPU detection only")
-def test_auto_mixed_precision_follows_the_cpu_flags(tmp_path):
+def test_auto_mixed_precision_follows_the_cpu_flags(tmp_path, monkeypatch):
+    # As train.py runs: oneDNN on (whatever this process's default), not capped.
+    from alexnet_tf import devices
+
+    monkeypatch.setattr(devices, "onednn_enabled", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     with_amx = tmp_path / "amx"
     with_amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
     older = tmp_path / "avx2"
