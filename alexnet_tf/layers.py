@@ -77,8 +77,10 @@ def conv2d_forward_gradients(x, kernel, padding):
     without oneDNN about twice as fast as Eigen's (BENCHMARKS.md).
     """
     kh, kw = kernel.shape[0], kernel.shape[1]
-    top, left = ((kh - 1) // 2, (kw - 1) // 2) if padding == "SAME" else (0, 0)
-    bottom, right = ((kh - 1 - top, kw - 1 - left) if padding == "SAME" else (0, 0))
+    top = left = bottom = right = 0
+    if padding == "SAME":  # TensorFlow pads (k - 1) // 2 before and the rest after
+        top, left = (kh - 1) // 2, (kw - 1) // 2
+        bottom, right = kh - 1 - top, kw - 1 - left
 
     @tf.custom_gradient
     def conv(x, kernel):

@@ -158,9 +158,8 @@ def _resize(image, height, width):
 def _crop_side(short, preprocess):
     """Side, in original pixels, of the window that becomes an image_size crop once the shorter
     side `short` is scaled to resize_size."""
-    scale = preprocess.image_size / preprocess.resize_size
-    side = tf.cast(tf.round(tf.cast(short, tf.float32) * scale), tf.int32)
-    return tf.clip_by_value(side, 1, short)
+    side = tf.round(tf.cast(short, tf.float32) * preprocess.image_size / preprocess.resize_size)
+    return tf.clip_by_value(tf.cast(side, tf.int32), 1, short)
 
 
 def paper_window(shape, seed, preprocess):

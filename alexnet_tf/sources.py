@@ -349,7 +349,7 @@ READERS = {
     "tfrecord": lambda source, split: _tfrecord_split(source.arg, split, source.num_classes),
     "folder": lambda source, split: _folder_split(source.arg, split),
     "prepared": lambda source, split: _prepared_split(source.arg, split),
-    "fashion_mnist": lambda source, split: _idx_split("fashion_mnist", source.arg, split,
-                                                      source.data_dir),
-    "mnist": lambda source, split: _idx_split("mnist", source.arg, split, source.data_dir),
+    # The IDX datasets (IDX_DIRS), each read from the directory of its own name.
+    **dict.fromkeys(IDX_DIRS, lambda source, split: _idx_split(
+        source.kind, source.arg, split, source.data_dir)),
 }
